@@ -1,0 +1,516 @@
+//! Batching: what closes a batch, written once.
+//!
+//! A batch closes
+//! - **count**: when it holds `max_events` valid events;
+//! - **span**: when the next event would make its event-time span (largest
+//!   minus smallest timestamp) exceed `max_span`; that event starts the next batch;
+//! - **wait**: when `max_wait` of wall-clock time has passed since its first
+//!   message, valid or not;
+//! - **shutdown** / **rebalance**: when the shell says so.
+//!
+//! An empty batch is never emitted. Invalid messages belong to the batch in
+//! whose offset range they arrived; a batch of invalid messages only is still
+//! emitted, because its offsets must be committed and its dead letters sent.
+//!
+//! The batcher is synchronous and takes the current `Instant` as an argument,
+//! so tests drive time by hand.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::event::{ErrorKind, Field, LoginEvent, FIELD_COUNT};
+
+/// Why a batch closed. The names appear in packets as `window.closed_by`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CloseReason {
+    Count,
+    Span,
+    Wait,
+    Shutdown,
+    Rebalance,
+}
+
+impl CloseReason {
+    pub const ALL: [CloseReason; 5] = [
+        CloseReason::Count,
+        CloseReason::Span,
+        CloseReason::Wait,
+        CloseReason::Shutdown,
+        CloseReason::Rebalance,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Count => "count",
+            CloseReason::Span => "span",
+            CloseReason::Wait => "wait",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::Rebalance => "rebalance",
+        }
+    }
+}
+
+/// Where a message came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Coord<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// The contiguous offset range a batch read from one partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceRange {
+    pub topic: Arc<str>,
+    pub partition: i32,
+    pub first_offset: i64,
+    pub last_offset: i64,
+}
+
+/// A message that is not a valid event, kept for the dead-letter topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidMessage {
+    pub topic: Arc<str>,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub kind: ErrorKind,
+    pub reason: String,
+}
+
+/// One string column, stored as a single buffer plus spans: no allocation per value.
+#[derive(Debug, Clone, Default)]
+pub struct StrColumn {
+    buf: String,
+    spans: Vec<Option<(u32, u32)>>,
+}
+
+impl StrColumn {
+    fn push(&mut self, value: Option<&str>) {
+        self.spans.push(value.map(|v| {
+            let start = self.buf.len() as u32;
+            self.buf.push_str(v);
+            (start, v.len() as u32)
+        }));
+    }
+
+    pub fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+
+    pub fn get(&self, i: usize) -> Option<&str> {
+        self.spans[i].map(|(s, l)| &self.buf[s as usize..(s + l) as usize])
+    }
+
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = Option<&str>> + '_ {
+        self.spans
+            .iter()
+            .map(|span| span.map(|(s, l)| &self.buf[s as usize..(s + l) as usize]))
+    }
+
+    /// Bytes held, for memory accounting.
+    pub fn heap_bytes(&self) -> usize {
+        self.buf.capacity() + self.spans.capacity() * std::mem::size_of::<Option<(u32, u32)>>()
+    }
+}
+
+/// The valid events of a batch, column by column.
+#[derive(Debug, Clone, Default)]
+pub struct Columns {
+    pub strings: [StrColumn; FIELD_COUNT],
+    pub timestamps_ms: Vec<Option<i64>>,
+}
+
+impl Columns {
+    pub fn push(&mut self, event: &LoginEvent<'_>) {
+        for (col, value) in self.strings.iter_mut().zip(&event.fields) {
+            col.push(value.as_deref());
+        }
+        self.timestamps_ms.push(event.timestamp_ms);
+    }
+
+    pub fn len(&self) -> usize {
+        self.timestamps_ms.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.timestamps_ms.is_empty()
+    }
+
+    pub fn column(&self, field: Field) -> &StrColumn {
+        &self.strings[field.index()]
+    }
+
+    /// Builds columns from events (tests, benches).
+    pub fn from_events<'a>(events: impl IntoIterator<Item = &'a LoginEvent<'a>>) -> Columns {
+        let mut c = Columns::default();
+        for e in events {
+            c.push(e);
+        }
+        c
+    }
+}
+
+/// A closed batch, ready for analysis and delivery.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// Position in this process's sequence of batches, from 0.
+    pub seq: u64,
+    pub columns: Columns,
+    pub ts_min_ms: Option<i64>,
+    pub ts_max_ms: Option<i64>,
+    /// Ordered by topic, then partition.
+    pub sources: Vec<SourceRange>,
+    pub invalid: Vec<InvalidMessage>,
+    pub closed_by: CloseReason,
+    /// When the batch's first message arrived.
+    pub opened_at: Instant,
+}
+
+impl Batch {
+    pub fn valid(&self) -> usize {
+        self.columns.len()
+    }
+
+    /// Messages covered by the batch, valid and invalid.
+    pub fn messages(&self) -> usize {
+        self.columns.len() + self.invalid.len()
+    }
+}
+
+/// The closing thresholds.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_events: usize,
+    pub max_span: Duration,
+    pub max_wait: Duration,
+}
+
+struct Open {
+    columns: Columns,
+    ts_min_ms: Option<i64>,
+    ts_max_ms: Option<i64>,
+    sources: BTreeMap<(Arc<str>, i32), (i64, i64)>,
+    invalid: Vec<InvalidMessage>,
+    opened_at: Instant,
+}
+
+/// Accumulates messages into batches according to [`Limits`].
+pub struct Batcher {
+    limits: Limits,
+    max_span_ms: i64,
+    open: Option<Open>,
+    next_seq: u64,
+    /// Interned topic names, so a source range does not allocate per message.
+    topics: Vec<Arc<str>>,
+}
+
+impl Batcher {
+    pub fn new(limits: Limits) -> Batcher {
+        Batcher {
+            limits,
+            max_span_ms: limits.max_span.as_millis().min(i64::MAX as u128) as i64,
+            open: None,
+            next_seq: 0,
+            topics: Vec::new(),
+        }
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// The instant at which the open batch closes by wait, if one is open.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.open
+            .as_ref()
+            .map(|o| o.opened_at + self.limits.max_wait)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.open.is_none()
+    }
+
+    /// Adds a valid event; batches it closes are appended to `closed`.
+    pub fn push_event(
+        &mut self,
+        coord: Coord<'_>,
+        event: &LoginEvent<'_>,
+        now: Instant,
+        closed: &mut Vec<Batch>,
+    ) {
+        closed.extend(self.poll_expired(now));
+        if let (Some(ts), Some(open)) = (event.timestamp_ms, &self.open) {
+            let lo = open.ts_min_ms.map_or(ts, |m| m.min(ts));
+            let hi = open.ts_max_ms.map_or(ts, |m| m.max(ts));
+            if hi - lo > self.max_span_ms && !open.columns.is_empty() {
+                closed.extend(self.close(CloseReason::Span));
+            }
+        }
+        let topic = self.intern(coord.topic);
+        let open = self.open_at(now);
+        open.columns.push(event);
+        if let Some(ts) = event.timestamp_ms {
+            open.ts_min_ms = Some(open.ts_min_ms.map_or(ts, |m| m.min(ts)));
+            open.ts_max_ms = Some(open.ts_max_ms.map_or(ts, |m| m.max(ts)));
+        }
+        track(&mut open.sources, topic, coord);
+        if open.columns.len() >= self.limits.max_events {
+            closed.extend(self.close(CloseReason::Count));
+        }
+    }
+
+    /// Adds an invalid message; a wait deadline that passed closes the open batch first.
+    pub fn push_invalid(
+        &mut self,
+        coord: Coord<'_>,
+        key: Option<&[u8]>,
+        payload: &[u8],
+        error: crate::event::InvalidEvent,
+        now: Instant,
+        closed: &mut Vec<Batch>,
+    ) {
+        closed.extend(self.poll_expired(now));
+        let topic = self.intern(coord.topic);
+        let open = self.open_at(now);
+        track(&mut open.sources, topic.clone(), coord);
+        open.invalid.push(InvalidMessage {
+            topic,
+            partition: coord.partition,
+            offset: coord.offset,
+            key: key.map(<[u8]>::to_vec),
+            payload: payload.to_vec(),
+            kind: error.kind,
+            reason: error.reason,
+        });
+    }
+
+    /// Closes the open batch if its wait deadline has passed.
+    pub fn poll_expired(&mut self, now: Instant) -> Option<Batch> {
+        match self.deadline() {
+            Some(d) if now >= d => self.close(CloseReason::Wait),
+            _ => None,
+        }
+    }
+
+    /// Closes the open batch, if any, for the given reason.
+    pub fn close(&mut self, reason: CloseReason) -> Option<Batch> {
+        let open = self.open.take()?;
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        Some(Batch {
+            seq,
+            columns: open.columns,
+            ts_min_ms: open.ts_min_ms,
+            ts_max_ms: open.ts_max_ms,
+            sources: open
+                .sources
+                .into_iter()
+                .map(|((topic, partition), (first, last))| SourceRange {
+                    topic,
+                    partition,
+                    first_offset: first,
+                    last_offset: last,
+                })
+                .collect(),
+            invalid: open.invalid,
+            closed_by: reason,
+            opened_at: open.opened_at,
+        })
+    }
+
+    fn open_at(&mut self, now: Instant) -> &mut Open {
+        self.open.get_or_insert_with(|| Open {
+            columns: Columns::default(),
+            ts_min_ms: None,
+            ts_max_ms: None,
+            sources: BTreeMap::new(),
+            invalid: Vec::new(),
+            opened_at: now,
+        })
+    }
+
+    fn intern(&mut self, topic: &str) -> Arc<str> {
+        if let Some(t) = self.topics.iter().find(|t| ***t == *topic) {
+            return t.clone();
+        }
+        let t: Arc<str> = Arc::from(topic);
+        self.topics.push(t.clone());
+        t
+    }
+}
+
+fn track(sources: &mut BTreeMap<(Arc<str>, i32), (i64, i64)>, topic: Arc<str>, c: Coord<'_>) {
+    sources
+        .entry((topic, c.partition))
+        .and_modify(|(first, last)| {
+            *first = (*first).min(c.offset);
+            *last = (*last).max(c.offset);
+        })
+        .or_insert((c.offset, c.offset));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::InvalidEvent;
+    use std::borrow::Cow;
+
+    fn limits(max_events: usize, span_s: u64, wait_s: u64) -> Limits {
+        Limits {
+            max_events,
+            max_span: Duration::from_secs(span_s),
+            max_wait: Duration::from_secs(wait_s),
+        }
+    }
+
+    fn ev(user: &str, ts_s: i64) -> LoginEvent<'_> {
+        let mut fields: [Option<Cow<str>>; FIELD_COUNT] = Default::default();
+        fields[Field::UserId.index()] = Some(Cow::Borrowed(user));
+        LoginEvent {
+            fields,
+            timestamp_ms: Some(ts_s * 1000),
+        }
+    }
+
+    fn at(offset: i64) -> Coord<'static> {
+        Coord {
+            topic: "user-login",
+            partition: 0,
+            offset,
+        }
+    }
+
+    #[test]
+    fn count_closes_at_exactly_max_events() {
+        let t0 = Instant::now();
+        let mut b = Batcher::new(limits(3, 100, 100));
+        let mut out = Vec::new();
+        for i in 0..7 {
+            b.push_event(at(i), &ev("u", 1000), t0, &mut out);
+        }
+        assert_eq!(out.len(), 2);
+        assert!(out
+            .iter()
+            .all(|b| b.valid() == 3 && b.closed_by == CloseReason::Count));
+        assert_eq!(out[0].sources[0].first_offset, 0);
+        assert_eq!(out[0].sources[0].last_offset, 2);
+        assert_eq!(out[1].sources[0].first_offset, 3);
+        assert_eq!((out[0].seq, out[1].seq), (0, 1));
+        let rest = b.close(CloseReason::Shutdown).unwrap();
+        assert_eq!(rest.valid(), 1);
+        assert_eq!(rest.closed_by, CloseReason::Shutdown);
+        assert!(b.close(CloseReason::Shutdown).is_none(), "no empty batch");
+    }
+
+    #[test]
+    fn span_closes_before_the_event_that_would_exceed_it() {
+        let t0 = Instant::now();
+        let mut b = Batcher::new(limits(100, 10, 100));
+        let mut out = Vec::new();
+        b.push_event(at(0), &ev("a", 1000), t0, &mut out);
+        b.push_event(at(1), &ev("b", 1010), t0, &mut out); // span 10s: allowed
+        b.push_event(at(2), &ev("c", 1005), t0, &mut out); // inside
+        assert!(out.is_empty());
+        b.push_event(at(3), &ev("d", 999), t0, &mut out); // span would be 11s
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].closed_by, CloseReason::Span);
+        assert_eq!(out[0].valid(), 3);
+        assert_eq!(out[0].ts_min_ms, Some(1_000_000));
+        assert_eq!(out[0].ts_max_ms, Some(1_010_000));
+        let next = b.close(CloseReason::Shutdown).unwrap();
+        assert_eq!(
+            next.sources[0].first_offset, 3,
+            "the event starts the next batch"
+        );
+        assert_eq!(next.ts_min_ms, Some(999_000));
+    }
+
+    #[test]
+    fn wait_closes_after_max_wait_since_the_first_message() {
+        let t0 = Instant::now();
+        let mut b = Batcher::new(limits(100, 100, 10));
+        let mut out = Vec::new();
+        assert_eq!(b.deadline(), None);
+        b.push_event(at(0), &ev("a", 1), t0, &mut out);
+        b.push_event(at(1), &ev("a", 1), t0 + Duration::from_secs(9), &mut out);
+        assert_eq!(b.deadline(), Some(t0 + Duration::from_secs(10)));
+        assert!(b.poll_expired(t0 + Duration::from_millis(9999)).is_none());
+        let closed = b.poll_expired(t0 + Duration::from_secs(10)).unwrap();
+        assert_eq!(closed.closed_by, CloseReason::Wait);
+        assert_eq!(closed.valid(), 2);
+        assert!(b.poll_expired(t0 + Duration::from_secs(100)).is_none());
+    }
+
+    #[test]
+    fn a_late_message_closes_the_expired_batch_and_starts_the_next() {
+        let t0 = Instant::now();
+        let mut b = Batcher::new(limits(100, 100, 10));
+        let mut out = Vec::new();
+        b.push_event(at(0), &ev("a", 1), t0, &mut out);
+        b.push_event(at(1), &ev("a", 1), t0 + Duration::from_secs(11), &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].closed_by, CloseReason::Wait);
+        assert_eq!(out[0].valid(), 1);
+        assert_eq!(b.deadline(), Some(t0 + Duration::from_secs(21)));
+    }
+
+    #[test]
+    fn invalid_messages_join_the_open_batch_and_its_ranges() {
+        let t0 = Instant::now();
+        let mut b = Batcher::new(limits(2, 100, 100));
+        let mut out = Vec::new();
+        let bad = || InvalidEvent {
+            kind: ErrorKind::NotJson,
+            reason: "x".into(),
+        };
+        b.push_invalid(at(0), None, b"??", bad(), t0, &mut out);
+        b.push_event(at(1), &ev("a", 1), t0, &mut out);
+        b.push_invalid(at(2), Some(b"k"), b"!!", bad(), t0, &mut out);
+        b.push_event(at(3), &ev("a", 1), t0, &mut out);
+        assert_eq!(out.len(), 1);
+        let batch = &out[0];
+        assert_eq!(
+            (batch.valid(), batch.invalid.len(), batch.messages()),
+            (2, 2, 4)
+        );
+        assert_eq!(batch.sources[0].first_offset, 0);
+        assert_eq!(batch.sources[0].last_offset, 3);
+        assert_eq!(batch.invalid[1].key.as_deref(), Some(&b"k"[..]));
+        // A batch of invalid messages alone is still emitted: its offsets need committing.
+        b.push_invalid(at(4), None, b"??", bad(), t0, &mut out);
+        let only_invalid = b.close(CloseReason::Shutdown).unwrap();
+        assert_eq!((only_invalid.valid(), only_invalid.invalid.len()), (0, 1));
+    }
+
+    #[test]
+    fn ranges_are_kept_per_partition() {
+        let t0 = Instant::now();
+        let mut b = Batcher::new(limits(100, 100, 100));
+        let mut out = Vec::new();
+        for (p, o) in [(2, 10), (0, 5), (2, 11), (0, 6), (1, 0)] {
+            let c = Coord {
+                topic: "user-login",
+                partition: p,
+                offset: o,
+            };
+            b.push_event(c, &ev("a", 1), t0, &mut out);
+        }
+        let batch = b.close(CloseReason::Rebalance).unwrap();
+        let ranges: Vec<_> = batch
+            .sources
+            .iter()
+            .map(|s| (s.partition, s.first_offset, s.last_offset))
+            .collect();
+        assert_eq!(ranges, vec![(0, 5, 6), (1, 0, 0), (2, 10, 11)]);
+    }
+}

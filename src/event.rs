@@ -1,0 +1,556 @@
+//! Login events: the field set and the parser.
+//!
+//! Producers are sloppy, so the parser is strict about what it must be and
+//! lenient about everything else: string fields borrow from the message
+//! buffer (no copy unless the JSON escapes a character), fields the event does
+//! not define are skipped, and a timestamp may be epoch seconds or
+//! milliseconds (integer, float or a string holding either) or RFC 3339.
+//! Anything that cannot be an event is an [`InvalidEvent`] with a
+//! [`ErrorKind`] and a readable reason that never quotes a field's value, so
+//! reasons are safe to log even for pseudonymized fields.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use chrono::DateTime;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::{Deserialize, Serialize};
+
+/// The string fields of a login event, in their canonical order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Field {
+    UserId,
+    AppVersion,
+    DeviceType,
+    Ip,
+    Locale,
+    DeviceId,
+}
+
+/// Number of string fields; column arrays are indexed by [`Field::index`].
+pub const FIELD_COUNT: usize = 6;
+
+impl Field {
+    pub const ALL: [Field; FIELD_COUNT] = [
+        Field::UserId,
+        Field::AppVersion,
+        Field::DeviceType,
+        Field::Ip,
+        Field::Locale,
+        Field::DeviceId,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Field::UserId => "user_id",
+            Field::AppVersion => "app_version",
+            Field::DeviceType => "device_type",
+            Field::Ip => "ip",
+            Field::Locale => "locale",
+            Field::DeviceId => "device_id",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Field> {
+        Field::ALL.into_iter().find(|f| f.name() == name)
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The accepted names, for error messages.
+    pub fn names() -> String {
+        Field::ALL.map(Field::name).join(", ")
+    }
+}
+
+impl fmt::Display for Field {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A valid login event, borrowing from the message it was parsed from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoginEvent<'a> {
+    /// Indexed by [`Field::index`]; `None` is absent or JSON null.
+    pub fields: [Option<Cow<'a, str>>; FIELD_COUNT],
+    /// Event time in milliseconds since the epoch, UTC; `None` only when the
+    /// timestamp is not required and absent.
+    pub timestamp_ms: Option<i64>,
+}
+
+impl LoginEvent<'_> {
+    pub fn get(&self, field: Field) -> Option<&str> {
+        self.fields[field.index()].as_deref()
+    }
+}
+
+/// Why a message is not a valid event. The names are a public contract: they
+/// are the `error.kind` header of dead-letter messages and a metrics label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// Not JSON at all (or empty).
+    NotJson,
+    /// JSON, but not an object.
+    NotObject,
+    /// A required field is absent or null.
+    MissingField,
+    /// The timestamp is of no form this parser knows, or out of range.
+    BadTimestamp,
+    /// A field has the wrong JSON type (a number where a string belongs, ...).
+    WrongType,
+}
+
+impl ErrorKind {
+    pub const ALL: [ErrorKind; 5] = [
+        ErrorKind::NotJson,
+        ErrorKind::NotObject,
+        ErrorKind::MissingField,
+        ErrorKind::BadTimestamp,
+        ErrorKind::WrongType,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::NotJson => "not_json",
+            ErrorKind::NotObject => "not_object",
+            ErrorKind::MissingField => "missing_field",
+            ErrorKind::BadTimestamp => "bad_timestamp",
+            ErrorKind::WrongType => "wrong_type",
+        }
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A message that is not a valid login event.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind}: {reason}")]
+pub struct InvalidEvent {
+    pub kind: ErrorKind,
+    pub reason: String,
+}
+
+impl InvalidEvent {
+    fn new(kind: ErrorKind, reason: impl Into<String>) -> Self {
+        InvalidEvent {
+            kind,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// What a valid event must carry.
+#[derive(Debug, Clone, Default)]
+pub struct Requirements {
+    pub fields: Vec<Field>,
+    pub timestamp: bool,
+}
+
+/// Epoch values at or above this are milliseconds; below, seconds. 1e11 s is
+/// the year 5138, 1e11 ms is March 1973: no real login falls in between.
+const MILLIS_THRESHOLD: f64 = 1e11;
+/// Largest accepted epoch milliseconds (the year 5138); beyond is a unit error.
+const MAX_MILLIS: f64 = 1e14;
+
+/// Parses one message payload.
+pub fn parse<'a>(payload: &'a [u8], req: &Requirements) -> Result<LoginEvent<'a>, InvalidEvent> {
+    if payload.iter().all(u8::is_ascii_whitespace) {
+        return Err(InvalidEvent::new(ErrorKind::NotJson, "empty message"));
+    }
+    let raw: RawEvent<'a> = serde_json::from_slice(payload).map_err(|e| {
+        if e.is_data() {
+            InvalidEvent::new(
+                ErrorKind::NotObject,
+                format!("expected a JSON object, found {}", json_kind_of(payload)),
+            )
+        } else {
+            InvalidEvent::new(ErrorKind::NotJson, format!("not JSON: {e}"))
+        }
+    })?;
+    if let Some((field, found)) = raw.wrong_type {
+        return Err(InvalidEvent::new(
+            ErrorKind::WrongType,
+            format!("field `{field}` must be a string or null, found {found}"),
+        ));
+    }
+    for field in &req.fields {
+        if raw.fields[field.index()].is_none() {
+            return Err(InvalidEvent::new(
+                ErrorKind::MissingField,
+                format!("required field `{field}` is missing or null"),
+            ));
+        }
+    }
+    let timestamp_ms = match raw.timestamp {
+        TsValue::Absent if req.timestamp => {
+            return Err(InvalidEvent::new(
+                ErrorKind::MissingField,
+                "required field `timestamp` is missing or null",
+            ))
+        }
+        TsValue::Absent => None,
+        other => Some(
+            normalize_timestamp(&other)
+                .map_err(|reason| InvalidEvent::new(ErrorKind::BadTimestamp, reason))?,
+        ),
+    };
+    Ok(LoginEvent {
+        fields: raw.fields,
+        timestamp_ms,
+    })
+}
+
+fn json_kind_of(payload: &[u8]) -> &'static str {
+    match payload.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'[') => "an array",
+        Some(b'"') => "a string",
+        Some(b't') | Some(b'f') => "a boolean",
+        Some(b'n') => "null",
+        _ => "a number",
+    }
+}
+
+/// Turns any accepted timestamp form into epoch milliseconds, UTC.
+fn normalize_timestamp(value: &TsValue<'_>) -> Result<i64, String> {
+    match value {
+        TsValue::Int(n) => epoch_to_millis(*n as f64, "integer"),
+        TsValue::Float(f) => epoch_to_millis(*f, "number"),
+        TsValue::Str(s) => {
+            let t = s.trim();
+            if let Ok(n) = t.parse::<i64>() {
+                return epoch_to_millis(n as f64, "string");
+            }
+            if let Ok(f) = t.parse::<f64>() {
+                if f.is_finite() {
+                    return epoch_to_millis(f, "string");
+                }
+            }
+            DateTime::parse_from_rfc3339(t)
+                .map(|dt| dt.timestamp_millis())
+                .map_err(|_| {
+                    "timestamp string is neither epoch seconds, epoch milliseconds nor RFC 3339"
+                        .to_string()
+                })
+        }
+        TsValue::Wrong(found) => Err(format!(
+            "timestamp must be a number or a string, found {found}"
+        )),
+        TsValue::Absent => Err("timestamp is missing".to_string()),
+    }
+}
+
+fn epoch_to_millis(v: f64, form: &str) -> Result<i64, String> {
+    if !(0.0..MAX_MILLIS).contains(&v) {
+        return Err(format!(
+            "{form} timestamp is out of range for epoch seconds or milliseconds"
+        ));
+    }
+    Ok(if v >= MILLIS_THRESHOLD {
+        v.round() as i64
+    } else {
+        (v * 1000.0).round() as i64
+    })
+}
+
+/// The event as it appears on the wire, before requirements are checked.
+struct RawEvent<'a> {
+    fields: [Option<Cow<'a, str>>; FIELD_COUNT],
+    timestamp: TsValue<'a>,
+    /// The first field that had a type other than string or null.
+    wrong_type: Option<(Field, &'static str)>,
+}
+
+enum TsValue<'a> {
+    Absent,
+    Int(i64),
+    Float(f64),
+    Str(Cow<'a, str>),
+    Wrong(&'static str),
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for RawEvent<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(RawEventVisitor(std::marker::PhantomData))
+    }
+}
+
+struct RawEventVisitor<'a>(std::marker::PhantomData<&'a ()>);
+
+impl<'de: 'a, 'a> Visitor<'de> for RawEventVisitor<'a> {
+    type Value = RawEvent<'a>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a login event object")
+    }
+
+    fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<RawEvent<'a>, M::Error> {
+        let mut ev = RawEvent {
+            fields: Default::default(),
+            timestamp: TsValue::Absent,
+            wrong_type: None,
+        };
+        while let Some(key) = map.next_key::<Key<'de>>()? {
+            if key.0 == "timestamp" {
+                ev.timestamp = map.next_value::<TsValue<'de>>()?;
+            } else if let Some(field) = Field::from_name(&key.0) {
+                match map.next_value::<StrValue<'de>>()? {
+                    StrValue::Str(s) => ev.fields[field.index()] = Some(s),
+                    StrValue::Null => ev.fields[field.index()] = None,
+                    StrValue::Wrong(found) => {
+                        ev.wrong_type.get_or_insert((field, found));
+                    }
+                }
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(ev)
+    }
+}
+
+/// An object key, borrowed when it has no escapes.
+struct Key<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Key<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(CowStrVisitor).map(Key)
+    }
+}
+
+struct CowStrVisitor;
+
+impl<'de> Visitor<'de> for CowStrVisitor {
+    type Value = Cow<'de, str>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a string")
+    }
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Cow::Borrowed(v))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(v.to_owned()))
+    }
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(v))
+    }
+}
+
+/// A string field's value: a string, null, or (recorded, not failed) anything else.
+enum StrValue<'a> {
+    Str(Cow<'a, str>),
+    Null,
+    Wrong(&'static str),
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for StrValue<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(AnyVisitor).map(|v| match v {
+            Any::Str(s) => StrValue::Str(s),
+            Any::Null => StrValue::Null,
+            Any::Int(_) | Any::Float(_) => StrValue::Wrong("a number"),
+            Any::Other(k) => StrValue::Wrong(k),
+        })
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for TsValue<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(AnyVisitor).map(|v| match v {
+            Any::Str(s) => TsValue::Str(s),
+            Any::Null => TsValue::Absent,
+            Any::Int(i) => TsValue::Int(i),
+            Any::Float(f) => TsValue::Float(f),
+            Any::Other(k) => TsValue::Wrong(k),
+        })
+    }
+}
+
+/// Any JSON value, keeping only what a field can use; nested values are skipped.
+enum Any<'a> {
+    Str(Cow<'a, str>),
+    Null,
+    Int(i64),
+    Float(f64),
+    Other(&'static str),
+}
+
+struct AnyVisitor;
+
+impl<'de> Visitor<'de> for AnyVisitor {
+    type Value = Any<'de>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Any::Str(Cow::Borrowed(v)))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Any::Str(Cow::Owned(v.to_owned())))
+    }
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+        Ok(Any::Str(Cow::Owned(v)))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(Any::Null)
+    }
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(Any::Null)
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(Any::Int(v))
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(i64::try_from(v).map_or(Any::Float(v as f64), Any::Int))
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(Any::Float(v))
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(Any::Other("a boolean"))
+    }
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Any::Other("an array"))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Any::Other("an object"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req() -> Requirements {
+        Requirements {
+            fields: vec![Field::UserId],
+            timestamp: true,
+        }
+    }
+
+    fn ok(json: &str) -> LoginEvent<'_> {
+        parse(json.as_bytes(), &req()).unwrap()
+    }
+
+    fn kind(json: &str) -> ErrorKind {
+        parse(json.as_bytes(), &req()).unwrap_err().kind
+    }
+
+    #[test]
+    fn parses_the_exercise_format_borrowing_strings() {
+        let json = r#"{"user_id": "424cdd21", "app_version": "2.3.0", "device_type": "android", "ip": "199.172.111.135", "locale": "RU", "device_id": "593-47-5928", "timestamp":"1694479551"}"#;
+        let ev = ok(json);
+        assert_eq!(ev.get(Field::UserId), Some("424cdd21"));
+        assert_eq!(ev.get(Field::Ip), Some("199.172.111.135"));
+        assert!(matches!(
+            ev.fields[Field::Locale.index()],
+            Some(Cow::Borrowed("RU"))
+        ));
+        assert_eq!(ev.timestamp_ms, Some(1_694_479_551_000));
+    }
+
+    #[test]
+    fn timestamp_forms_normalise_to_the_same_instant() {
+        let forms = [
+            "1694479551",
+            "1694479551.0",
+            "1694479551000",
+            "\"1694479551\"",
+            "\"1694479551000\"",
+            "\" 1694479551.000 \"",
+            "\"2023-09-12T00:45:51Z\"",
+            "\"2023-09-12T02:45:51+02:00\"",
+        ];
+        for form in forms {
+            let json = format!(r#"{{"user_id":"u","timestamp":{form}}}"#);
+            assert_eq!(ok(&json).timestamp_ms, Some(1_694_479_551_000), "{form}");
+        }
+        let frac = ok(r#"{"user_id":"u","timestamp":1694479551.25}"#);
+        assert_eq!(frac.timestamp_ms, Some(1_694_479_551_250));
+    }
+
+    #[test]
+    fn absent_and_null_optional_fields_are_none_and_unknown_fields_ignored() {
+        let ev = ok(r#"{"user_id":"u","ip":null,"timestamp":1,"extra":{"a":[1,2]},"v2":true}"#);
+        assert_eq!(ev.get(Field::Ip), None);
+        assert_eq!(ev.get(Field::Locale), None);
+    }
+
+    #[test]
+    fn escaped_strings_are_unescaped() {
+        let ev = ok(r#"{"user_id":"a\"b\u00e9","timestamp":1}"#);
+        assert_eq!(ev.get(Field::UserId), Some("a\"bé"));
+    }
+
+    #[test]
+    fn every_invalid_kind_is_classified() {
+        assert_eq!(kind("not json"), ErrorKind::NotJson);
+        assert_eq!(kind(""), ErrorKind::NotJson);
+        assert_eq!(kind(r#"{"user_id":"u","#), ErrorKind::NotJson);
+        assert_eq!(
+            kind(r#"{"user_id":"u","timestamp":1} trailing"#),
+            ErrorKind::NotJson
+        );
+        assert_eq!(kind("[1,2]"), ErrorKind::NotObject);
+        assert_eq!(kind("42"), ErrorKind::NotObject);
+        assert_eq!(kind(r#""text""#), ErrorKind::NotObject);
+        assert_eq!(kind(r#"{"timestamp":1}"#), ErrorKind::MissingField);
+        assert_eq!(
+            kind(r#"{"user_id":null,"timestamp":1}"#),
+            ErrorKind::MissingField
+        );
+        assert_eq!(kind(r#"{"user_id":"u"}"#), ErrorKind::MissingField);
+        assert_eq!(
+            kind(r#"{"user_id":"u","timestamp":"yesterday"}"#),
+            ErrorKind::BadTimestamp
+        );
+        assert_eq!(
+            kind(r#"{"user_id":"u","timestamp":-5}"#),
+            ErrorKind::BadTimestamp
+        );
+        assert_eq!(
+            kind(r#"{"user_id":"u","timestamp":1e20}"#),
+            ErrorKind::BadTimestamp
+        );
+        assert_eq!(
+            kind(r#"{"user_id":"u","timestamp":[1]}"#),
+            ErrorKind::BadTimestamp
+        );
+        assert_eq!(kind(r#"{"user_id":7,"timestamp":1}"#), ErrorKind::WrongType);
+        assert_eq!(
+            kind(r#"{"user_id":"u","ip":{"v4":"1.2.3.4"},"timestamp":1}"#),
+            ErrorKind::WrongType
+        );
+    }
+
+    #[test]
+    fn reasons_name_the_field_but_never_its_value() {
+        let err = parse(br#"{"user_id":"u","ip":12345678,"timestamp":1}"#, &req()).unwrap_err();
+        assert_eq!(
+            err.reason,
+            "field `ip` must be a string or null, found a number"
+        );
+        assert!(!err.reason.contains("12345678"));
+    }
+
+    #[test]
+    fn timestamp_may_be_optional() {
+        let req = Requirements {
+            fields: vec![],
+            timestamp: false,
+        };
+        let ev = parse(br#"{"ip":"1.2.3.4"}"#, &req).unwrap();
+        assert_eq!(ev.timestamp_ms, None);
+        assert_eq!(ev.get(Field::UserId), None);
+    }
+}

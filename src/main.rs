@@ -1,0 +1,246 @@
+//! The `login-metrics` command: arguments, logging and signals over the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use login_metrics::demo;
+use login_metrics::generator::{Generator, GeneratorConfig};
+use login_metrics::privacy::Pseudonymizer;
+use login_metrics::settings::Settings;
+use login_metrics::telemetry;
+use login_metrics::Pipeline;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+#[derive(Parser)]
+#[command(
+    name = "login-metrics",
+    version,
+    about = "Counts repeated login combinations in a Kafka stream, batch by batch"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service against Kafka.
+    Run {
+        /// A TOML file layered over the defaults.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Run the whole pipeline on an in-process mock Kafka cluster and print a summary.
+    Demo {
+        /// Events to generate.
+        #[arg(long, default_value_t = 200_000)]
+        events: u64,
+        /// Seed of the event generator.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Produce generated login events into the input topic of a real Kafka.
+    Generate {
+        /// Events per second; 0 is as fast as possible.
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        /// Events to produce; without it, until interrupted.
+        #[arg(long)]
+        count: Option<u64>,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Print the effective configuration (secrets redacted) and exit.
+    Config {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Exit 0 when the service's /healthz answers (for container health checks).
+    Health {
+        #[arg(long, default_value = "http://127.0.0.1:9464/healthz")]
+        url: String,
+    },
+    /// Print the pseudonym of each value with the configured privacy key.
+    Pseudonym {
+        #[arg(required = true)]
+        values: Vec<String>,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn load(config: Option<&PathBuf>) -> Result<Settings, ExitCode> {
+    Settings::load(config.map(PathBuf::as_path)).map_err(|e| {
+        eprintln!("login-metrics: {e}");
+        ExitCode::from(2)
+    })
+}
+
+/// Cancels the token on the first SIGINT or SIGTERM; a second one exits at once.
+fn handle_signals(token: CancellationToken) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut seen = false;
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            if seen {
+                eprintln!("login-metrics: second signal, exiting now");
+                std::process::exit(130);
+            }
+            seen = true;
+            warn!("signal received: closing the current batch, delivering and committing (again to exit at once)");
+            token.cancel();
+        }
+    });
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Config { config } => match load(config.as_ref()) {
+            Ok(s) => {
+                print!("{}", s.redacted_toml());
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Health { url } => match telemetry::check_health(&url) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("login-metrics: unhealthy: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Pseudonym { values, config } => {
+            let s = match load(config.as_ref()) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            if s.privacy.key.is_empty() {
+                eprintln!("login-metrics: privacy.key: no key is configured (privacy.key or privacy.key_file)");
+                return ExitCode::from(2);
+            }
+            let p = Pseudonymizer::new(&s.privacy.key, &[]);
+            for v in values {
+                println!("{}\t{v}", p.pseudonym(&v));
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Run { config } => {
+            let s = match load(config.as_ref()) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            telemetry::init_logging(&s.log);
+            info!(version = env!("CARGO_PKG_VERSION"), config = %s.redacted_summary(), "starting");
+            let shutdown = CancellationToken::new();
+            handle_signals(shutdown.clone());
+            let pipeline = Pipeline::new(s.clone()).log_progress(true);
+            if let Some(addr) = s.telemetry.listen {
+                if let Err(e) = telemetry::serve(addr, pipeline.health(), shutdown.clone()).await {
+                    error!(error = %e, "telemetry.listen: cannot listen on {addr}");
+                    return ExitCode::from(2);
+                }
+            }
+            match pipeline.run(shutdown).await {
+                Ok(summary) => {
+                    info!(
+                        events = summary.messages,
+                        valid = summary.valid,
+                        invalid = summary.invalid,
+                        packets = summary.packets,
+                        duration_s = format!("{:.1}", summary.duration.as_secs_f64()),
+                        events_per_sec = summary.events_per_second().round() as u64,
+                        "stopped"
+                    );
+                    eprintln!("login-metrics: {summary}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    error!(error = format!("{e:#}"), "stopped with an error; uncommitted batches will be processed again on the next start");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Demo {
+            events,
+            seed,
+            config,
+        } => {
+            let s = match load(config.as_ref()) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            // The demo's own report is the output; keep the logs to warnings unless asked.
+            let mut log = s.log.clone();
+            if std::env::var_os("RUST_LOG").is_none() && log.level == "info" {
+                log.level = "warn".into();
+            }
+            telemetry::init_logging(&log);
+            let interrupt = CancellationToken::new();
+            handle_signals(interrupt.clone());
+            match demo::run_demo(s, events, seed, interrupt).await {
+                Ok(report) => {
+                    println!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("login-metrics demo: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Generate {
+            rate,
+            count,
+            seed,
+            config,
+        } => {
+            let s = match load(config.as_ref()) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            telemetry::init_logging(&s.log);
+            let stop = CancellationToken::new();
+            handle_signals(stop.clone());
+            let mut cfg = GeneratorConfig::new(seed);
+            cfg.start_ms = chrono::Utc::now().timestamp_millis();
+            if rate > 0 {
+                cfg.events_per_sec = rate as f64;
+            }
+            let producer = login_metrics::sink::producer_config(&s.kafka);
+            let topic = s.kafka.input_topic.clone();
+            info!(topic = %topic, brokers = %s.kafka.bootstrap_servers, rate, "generating");
+            let result = tokio::task::spawn_blocking(move || {
+                let mut gen = Generator::new(cfg);
+                demo::produce_generated(&producer, &topic, &mut gen, count, rate, &stop)
+            })
+            .await;
+            match result {
+                Ok(Ok(n)) => {
+                    eprintln!("login-metrics: produced {n} events");
+                    ExitCode::SUCCESS
+                }
+                Ok(Err(e)) => {
+                    eprintln!("login-metrics generate: {e:#}");
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    eprintln!("login-metrics generate: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,892 @@
+//! Layered, validated configuration.
+//!
+//! Three layers, last wins: the defaults embedded from `config/default.toml`,
+//! the file given with `--config`, and environment variables
+//! `LOGIN_METRICS__SECTION__KEY`. The embedded defaults list every accepted key,
+//! so they double as the schema: a key that is not in them (outside the
+//! pass-through tables `kafka.consumer` and `kafka.producer`) is rejected.
+//!
+//! Loading never stops at the first problem: every problem is collected with
+//! the dotted path of its key, so an operator fixes a configuration in one go.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::event::Field;
+
+/// The embedded defaults; also the list of accepted keys.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// Prefix of the environment variables that override configuration keys.
+pub const ENV_PREFIX: &str = "LOGIN_METRICS";
+
+/// The effective configuration of one process.
+#[derive(Debug, Clone, Serialize)]
+pub struct Settings {
+    pub kafka: KafkaSettings,
+    pub batch: BatchSettings,
+    pub analysis: AnalysisSettings,
+    pub events: EventSettings,
+    pub metrics_log: MetricsLogSettings,
+    pub log: LogSettings,
+    pub telemetry: TelemetrySettings,
+    pub privacy: PrivacySettings,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct KafkaSettings {
+    pub bootstrap_servers: String,
+    pub group_id: String,
+    pub input_topic: String,
+    pub output_topic: String,
+    /// Empty: invalid messages are counted and logged but not forwarded.
+    pub dlq_topic: String,
+    pub auto_offset_reset: String,
+    pub compression: String,
+    #[serde(with = "human_duration")]
+    pub delivery_timeout: Duration,
+    pub delivery_attempts: u32,
+    /// librdkafka consumer properties, keys normalised to dotted form.
+    pub consumer: BTreeMap<String, String>,
+    /// librdkafka producer properties, keys normalised to dotted form.
+    pub producer: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BatchSettings {
+    pub max_events: usize,
+    #[serde(with = "human_duration")]
+    pub max_span: Duration,
+    #[serde(with = "human_duration")]
+    pub max_wait: Duration,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AnalysisSettings {
+    pub slices: Vec<Vec<Field>>,
+    pub top: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct EventSettings {
+    /// Event fields that must be present and non-null.
+    pub required: Vec<Field>,
+    /// Whether the timestamp is required (it is listed in `events.required`).
+    pub timestamp_required: bool,
+}
+
+impl Serialize for EventSettings {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut names: Vec<&str> = self.required.iter().map(|f| f.name()).collect();
+        if self.timestamp_required {
+            names.push("timestamp");
+        }
+        let mut st = s.serialize_struct("EventSettings", 1)?;
+        st.serialize_field("required", &names)?;
+        st.end()
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MetricsLogSettings {
+    /// `None` when the metrics log is disabled.
+    pub path: Option<PathBuf>,
+    pub max_bytes: u64,
+    pub keep: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TelemetrySettings {
+    /// `None` when the HTTP listener is disabled.
+    pub listen: Option<std::net::SocketAddr>,
+    #[serde(with = "human_duration")]
+    pub progress_interval: Duration,
+}
+
+#[derive(Clone, Serialize)]
+pub struct PrivacySettings {
+    pub pseudonymize: Vec<Field>,
+    /// The HMAC key, loaded from `privacy.key` or `privacy.key_file`.
+    #[serde(serialize_with = "redact_bytes")]
+    pub key: Vec<u8>,
+    pub key_file: Option<PathBuf>,
+}
+
+impl fmt::Debug for PrivacySettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PrivacySettings")
+            .field("pseudonymize", &self.pseudonymize)
+            .field("key", &if self.key.is_empty() { "" } else { REDACTED })
+            .field("key_file", &self.key_file)
+            .finish()
+    }
+}
+
+const REDACTED: &str = "<redacted>";
+
+fn redact_bytes<S: serde::Serializer>(key: &[u8], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(if key.is_empty() { "" } else { REDACTED })
+}
+
+mod human_duration {
+    use std::time::Duration;
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+}
+
+/// One thing wrong with the configuration, named by its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+/// Every problem found while loading a configuration.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigError {
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid configuration ({} problem", self.problems.len())?;
+        if self.problems.len() != 1 {
+            write!(f, "s")?;
+        }
+        write!(f, "):")?;
+        for p in &self.problems {
+            write!(f, "\n  - {}: {}", p.key, p.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl ConfigError {
+    fn single(key: &str, message: impl Into<String>) -> Self {
+        ConfigError {
+            problems: vec![Problem {
+                key: key.to_string(),
+                message: message.into(),
+            }],
+        }
+    }
+}
+
+/// Tables whose keys are librdkafka properties, passed through unchecked.
+const PASS_THROUGH: [&str; 2] = ["kafka.consumer", "kafka.producer"];
+
+impl Settings {
+    /// Loads defaults, then `file`, then the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
+        Self::load_with_env(file, std::env::vars())
+    }
+
+    /// As [`Settings::load`], with the environment given explicitly (tests).
+    pub fn load_with_env(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, ConfigError> {
+        let defaults = tree(config::Config::builder().add_source(default_source()))
+            .expect("the embedded config/default.toml is valid");
+        let mut builder = config::Config::builder().add_source(default_source());
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ConfigError::single(
+                    "--config",
+                    format!("{} is not a readable file", path.display()),
+                ));
+            }
+            builder = builder.add_source(
+                config::File::from(path.to_path_buf()).format(config::FileFormat::Toml),
+            );
+        }
+        let env: config::Map<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__")))
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("__")
+                .separator("__")
+                .source(Some(env)),
+        );
+        let merged = tree(builder).map_err(|e| ConfigError::single("--config", e.to_string()))?;
+        Self::from_tree(&merged, &defaults)
+    }
+
+    /// Validates a merged key tree against the defaults' key tree.
+    fn from_tree(root: &Value, defaults: &Value) -> Result<Settings, ConfigError> {
+        let mut r = Reader {
+            root,
+            problems: Vec::new(),
+        };
+        unknown_keys(root, defaults, "", &mut r.problems);
+
+        let kafka = KafkaSettings {
+            bootstrap_servers: r.non_empty("kafka.bootstrap_servers"),
+            group_id: r.non_empty("kafka.group_id"),
+            input_topic: r.non_empty("kafka.input_topic"),
+            output_topic: r.non_empty("kafka.output_topic"),
+            dlq_topic: r.string("kafka.dlq_topic"),
+            auto_offset_reset: r.one_of("kafka.auto_offset_reset", &["earliest", "latest"]),
+            compression: r.one_of(
+                "kafka.compression",
+                &["none", "gzip", "snappy", "lz4", "zstd"],
+            ),
+            delivery_timeout: r.duration("kafka.delivery_timeout", Duration::from_millis(1)),
+            delivery_attempts: r.int("kafka.delivery_attempts", 1) as u32,
+            consumer: r.properties(
+                "kafka.consumer",
+                &[
+                    "enable.auto.commit",
+                    "enable.auto.offset.store",
+                    "group.id",
+                    "bootstrap.servers",
+                ],
+            ),
+            producer: r.properties(
+                "kafka.producer",
+                &["enable.idempotence", "acks", "bootstrap.servers"],
+            ),
+        };
+        let batch = BatchSettings {
+            max_events: r.int("batch.max_events", 1) as usize,
+            max_span: r.duration("batch.max_span", Duration::ZERO),
+            max_wait: r.duration("batch.max_wait", Duration::from_millis(1)),
+        };
+        let analysis = AnalysisSettings {
+            slices: r.slices("analysis.slices"),
+            top: r.int("analysis.top", 1) as usize,
+        };
+        let (required, timestamp_required) = r.required("events.required");
+        let events = EventSettings {
+            required,
+            timestamp_required,
+        };
+        let log_path = r.string("metrics_log.path");
+        let metrics_log = MetricsLogSettings {
+            path: (!log_path.is_empty()).then(|| PathBuf::from(log_path)),
+            max_bytes: r.int("metrics_log.max_bytes", 1),
+            keep: r.int("metrics_log.keep", 0) as usize,
+        };
+        let log = LogSettings {
+            format: match r.one_of("log.format", &["text", "json"]).as_str() {
+                "json" => LogFormat::Json,
+                _ => LogFormat::Text,
+            },
+            level: r.log_level("log.level"),
+        };
+        let listen = r.string("telemetry.listen");
+        let telemetry = TelemetrySettings {
+            listen: if listen.is_empty() {
+                None
+            } else {
+                match listen.parse() {
+                    Ok(addr) => Some(addr),
+                    Err(_) => {
+                        r.problem(
+                            "telemetry.listen",
+                            format!("`{listen}` is not an address such as 127.0.0.1:9464"),
+                        );
+                        None
+                    }
+                }
+            },
+            progress_interval: r.duration("telemetry.progress_interval", Duration::from_millis(1)),
+        };
+        let privacy = r.privacy();
+
+        if r.problems.is_empty() {
+            Ok(Settings {
+                kafka,
+                batch,
+                analysis,
+                events,
+                metrics_log,
+                log,
+                telemetry,
+                privacy,
+            })
+        } else {
+            Err(ConfigError {
+                problems: r.problems,
+            })
+        }
+    }
+
+    /// The effective configuration as TOML, with secrets redacted.
+    pub fn redacted_toml(&self) -> String {
+        let mut value = serde_json::to_value(self).expect("settings serialize");
+        for table in ["consumer", "producer"] {
+            if let Some(Value::Object(props)) = value["kafka"].get_mut(table) {
+                for (k, v) in props.iter_mut() {
+                    if is_secret_property(k) {
+                        *v = Value::String(REDACTED.into());
+                    }
+                }
+            }
+        }
+        // TOML has no null; an unset optional key prints as empty, as it is written.
+        strip_nulls(&mut value);
+        toml::to_string_pretty(&value).expect("settings as TOML")
+    }
+
+    /// One line for the start-up log.
+    pub fn redacted_summary(&self) -> String {
+        let slices: Vec<String> = self
+            .analysis
+            .slices
+            .iter()
+            .map(|s| s.iter().map(|f| f.name()).collect::<Vec<_>>().join("+"))
+            .collect();
+        format!(
+            "brokers={} group={} input={} output={} dlq={} batch(max_events={} max_span={} max_wait={}) slices=[{}] top={} metrics_log={} pseudonymize=[{}]",
+            self.kafka.bootstrap_servers,
+            self.kafka.group_id,
+            self.kafka.input_topic,
+            self.kafka.output_topic,
+            if self.kafka.dlq_topic.is_empty() { "-" } else { &self.kafka.dlq_topic },
+            self.batch.max_events,
+            humantime::format_duration(self.batch.max_span),
+            humantime::format_duration(self.batch.max_wait),
+            slices.join(" "),
+            self.analysis.top,
+            self.metrics_log
+                .path
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "-".into()),
+            self.privacy
+                .pseudonymize
+                .iter()
+                .map(|f| f.name())
+                .collect::<Vec<_>>()
+                .join(","),
+        )
+    }
+}
+
+fn strip_nulls(v: &mut Value) {
+    match v {
+        Value::Object(map) => {
+            for (_, child) in map.iter_mut() {
+                if child.is_null() {
+                    *child = Value::String(String::new());
+                } else {
+                    strip_nulls(child);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(strip_nulls),
+        _ => {}
+    }
+}
+
+/// librdkafka properties whose values must not be printed.
+fn is_secret_property(key: &str) -> bool {
+    ["password", "secret", "key.pem", "token"]
+        .iter()
+        .any(|s| key.contains(s))
+}
+
+fn default_source() -> config::File<config::FileSourceString, config::FileFormat> {
+    config::File::from_str(DEFAULT_TOML, config::FileFormat::Toml)
+}
+
+fn tree(builder: config::ConfigBuilder<config::builder::DefaultState>) -> Result<Value, String> {
+    builder
+        .build()
+        .and_then(|c| c.try_deserialize::<Value>())
+        .map_err(|e| e.to_string())
+}
+
+fn unknown_keys(value: &Value, schema: &Value, prefix: &str, problems: &mut Vec<Problem>) {
+    let (Value::Object(map), Value::Object(known)) = (value, schema) else {
+        return;
+    };
+    for (key, child) in map {
+        let path = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        match known.get(key) {
+            None => problems.push(Problem {
+                message: format!(
+                    "unknown key (accepted here: {})",
+                    known.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+                key: path,
+            }),
+            Some(sub) if !PASS_THROUGH.contains(&path.as_str()) => {
+                unknown_keys(child, sub, &path, problems)
+            }
+            Some(_) => {}
+        }
+    }
+}
+
+/// Reads typed values from the merged tree, collecting problems.
+struct Reader<'a> {
+    root: &'a Value,
+    problems: Vec<Problem>,
+}
+
+impl Reader<'_> {
+    fn problem(&mut self, key: &str, message: impl Into<String>) {
+        self.problems.push(Problem {
+            key: key.to_string(),
+            message: message.into(),
+        });
+    }
+
+    fn get(&self, key: &str) -> Option<&Value> {
+        key.split('.').try_fold(self.root, |v, part| v.get(part))
+    }
+
+    fn string(&mut self, key: &str) -> String {
+        match self.get(key) {
+            Some(Value::String(s)) => s.trim().to_string(),
+            Some(Value::Number(n)) => n.to_string(),
+            Some(Value::Bool(b)) => b.to_string(),
+            Some(other) => {
+                let msg = format!("expected a string, found {}", kind(other));
+                self.problem(key, msg);
+                String::new()
+            }
+            None => String::new(),
+        }
+    }
+
+    fn non_empty(&mut self, key: &str) -> String {
+        let s = self.string(key);
+        if s.is_empty() {
+            self.problem(key, "must not be empty");
+        }
+        s
+    }
+
+    fn one_of(&mut self, key: &str, choices: &[&str]) -> String {
+        let s = self.string(key).to_ascii_lowercase();
+        if !choices.contains(&s.as_str()) {
+            self.problem(key, format!("`{s}` is not one of: {}", choices.join(", ")));
+        }
+        s
+    }
+
+    fn int(&mut self, key: &str, min: u64) -> u64 {
+        let parsed = match self.get(key) {
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .ok_or_else(|| format!("`{n}` is not a whole number of at least {min}")),
+            Some(Value::String(s)) => s
+                .trim()
+                .parse::<u64>()
+                .map_err(|_| format!("`{s}` is not a whole number of at least {min}")),
+            Some(other) => Err(format!("expected a whole number, found {}", kind(other))),
+            None => Err("missing".to_string()),
+        };
+        match parsed {
+            Ok(n) if n >= min => n,
+            Ok(n) => {
+                self.problem(key, format!("must be at least {min}, found {n}"));
+                min
+            }
+            Err(msg) => {
+                self.problem(key, msg);
+                min
+            }
+        }
+    }
+
+    fn duration(&mut self, key: &str, min: Duration) -> Duration {
+        let s = self.string(key);
+        match humantime::parse_duration(&s) {
+            Ok(d) if d >= min => d,
+            Ok(_) => {
+                self.problem(
+                    key,
+                    format!("must be at least {}", humantime::format_duration(min)),
+                );
+                min
+            }
+            Err(e) => {
+                self.problem(
+                    key,
+                    format!("`{s}` is not a duration such as \"500ms\", \"10s\" or \"2m\" ({e})"),
+                );
+                min.max(Duration::from_secs(1))
+            }
+        }
+    }
+
+    /// A list of strings: an array, a JSON array in a string, or a comma-separated string.
+    fn string_list(&mut self, key: &str) -> Vec<String> {
+        match self.get(key).cloned() {
+            Some(Value::Array(items)) => items
+                .into_iter()
+                .filter_map(|v| match v {
+                    Value::String(s) => Some(s),
+                    other => {
+                        self.problem(key, format!("expected strings, found {}", kind(&other)));
+                        None
+                    }
+                })
+                .collect(),
+            Some(Value::String(s)) if s.trim_start().starts_with('[') => {
+                match serde_json::from_str::<Vec<String>>(&s) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        self.problem(key, format!("not a JSON list of strings: {e}"));
+                        Vec::new()
+                    }
+                }
+            }
+            Some(Value::String(s)) => s
+                .split(',')
+                .map(|p| p.trim().to_string())
+                .filter(|p| !p.is_empty())
+                .collect(),
+            Some(other) => {
+                self.problem(key, format!("expected a list, found {}", kind(&other)));
+                Vec::new()
+            }
+            None => Vec::new(),
+        }
+    }
+
+    fn fields(&mut self, key: &str, names: &[String]) -> Vec<Field> {
+        let mut fields = Vec::new();
+        for name in names {
+            match Field::from_name(name) {
+                Some(f) if fields.contains(&f) => {
+                    self.problem(key, format!("field `{name}` is listed twice"))
+                }
+                Some(f) => fields.push(f),
+                None => self.problem(
+                    key,
+                    format!("`{name}` is not an event field (one of {})", Field::names()),
+                ),
+            }
+        }
+        fields
+    }
+
+    fn slices(&mut self, key: &str) -> Vec<Vec<Field>> {
+        let raw: Vec<Vec<String>> = match self.get(key).cloned() {
+            Some(Value::String(s)) => match serde_json::from_str(&s) {
+                Ok(v) => v,
+                Err(e) => {
+                    self.problem(key, format!("not a JSON list of lists of field names: {e}"));
+                    return Vec::new();
+                }
+            },
+            Some(v) => match serde_json::from_value(v) {
+                Ok(v) => v,
+                Err(e) => {
+                    self.problem(key, format!("expected a list of lists of field names: {e}"));
+                    return Vec::new();
+                }
+            },
+            None => Vec::new(),
+        };
+        if raw.is_empty() {
+            self.problem(key, "at least one slice is needed");
+        }
+        let mut slices = Vec::new();
+        for (i, names) in raw.iter().enumerate() {
+            let item_key = format!("{key}[{i}]");
+            if names.is_empty() {
+                self.problem(&item_key, "a slice names at least one field");
+                continue;
+            }
+            let fields = self.fields(&item_key, names);
+            if slices.contains(&fields) {
+                self.problem(&item_key, "the same slice is listed twice");
+            }
+            slices.push(fields);
+        }
+        slices
+    }
+
+    fn required(&mut self, key: &str) -> (Vec<Field>, bool) {
+        let names = self.string_list(key);
+        let timestamp = names.iter().any(|n| n == "timestamp");
+        let rest: Vec<String> = names.into_iter().filter(|n| n != "timestamp").collect();
+        (self.fields(key, &rest), timestamp)
+    }
+
+    fn properties(&mut self, key: &str, reserved: &[&str]) -> BTreeMap<String, String> {
+        let mut props = BTreeMap::new();
+        let Some(value) = self.get(key).cloned() else {
+            return props;
+        };
+        let Value::Object(map) = value else {
+            self.problem(key, "expected a table of librdkafka properties");
+            return props;
+        };
+        for (k, v) in map {
+            // Environment variables cannot carry dots; librdkafka property names never
+            // contain underscores, so the mapping back is unambiguous.
+            let name = k.replace('_', ".");
+            let value = match v {
+                Value::String(s) => s,
+                Value::Number(n) => n.to_string(),
+                Value::Bool(b) => b.to_string(),
+                other => {
+                    self.problem(
+                        &format!("{key}.{k}"),
+                        format!(
+                            "expected a string, number or boolean, found {}",
+                            kind(&other)
+                        ),
+                    );
+                    continue;
+                }
+            };
+            if reserved.contains(&name.as_str()) {
+                self.problem(
+                    &format!("{key}.{k}"),
+                    "is set by login-metrics itself and cannot be overridden",
+                );
+                continue;
+            }
+            props.insert(name, value);
+        }
+        props
+    }
+
+    fn log_level(&mut self, key: &str) -> String {
+        let s = self.string(key);
+        if tracing_subscriber::EnvFilter::try_new(&s).is_err() || s.is_empty() {
+            self.problem(
+                key,
+                format!("`{s}` is not a level (error, warn, info, debug, trace) or filter"),
+            );
+        }
+        s
+    }
+
+    fn privacy(&mut self) -> PrivacySettings {
+        let names = self.string_list("privacy.pseudonymize");
+        let pseudonymize = self.fields("privacy.pseudonymize", &names);
+        let key_text = self.string("privacy.key");
+        let key_file = self.string("privacy.key_file");
+        let key_file = (!key_file.is_empty()).then(|| PathBuf::from(key_file));
+        let key = if !key_text.is_empty() {
+            key_text.into_bytes()
+        } else if let Some(path) = &key_file {
+            match std::fs::read_to_string(path) {
+                Ok(s) if !s.trim().is_empty() => s.trim().as_bytes().to_vec(),
+                Ok(_) => {
+                    self.problem("privacy.key_file", format!("{} is empty", path.display()));
+                    Vec::new()
+                }
+                Err(e) => {
+                    self.problem(
+                        "privacy.key_file",
+                        format!("cannot read {}: {e}", path.display()),
+                    );
+                    Vec::new()
+                }
+            }
+        } else {
+            Vec::new()
+        };
+        if !pseudonymize.is_empty() && key.is_empty() && key_file.is_none() {
+            self.problem(
+                "privacy.key",
+                "privacy.pseudonymize names fields but no key is set (privacy.key or privacy.key_file)",
+            );
+        }
+        PrivacySettings {
+            pseudonymize,
+            key,
+            key_file,
+        }
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "nothing",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "a table",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn keys(err: ConfigError) -> Vec<String> {
+        err.problems.into_iter().map(|p| p.key).collect()
+    }
+
+    #[test]
+    fn defaults_load() {
+        let s = Settings::load_with_env(None, env(&[])).unwrap();
+        assert_eq!(s.kafka.bootstrap_servers, "localhost:29092");
+        assert_eq!(s.kafka.group_id, "login-metrics");
+        assert_eq!(s.kafka.input_topic, "user-login");
+        assert_eq!(s.kafka.output_topic, "login-metrics");
+        assert_eq!(s.kafka.dlq_topic, "user-login-dlq");
+        assert_eq!(s.kafka.compression, "gzip");
+        assert_eq!(s.batch.max_events, 10_000);
+        assert_eq!(s.batch.max_span, Duration::from_secs(10));
+        assert_eq!(s.batch.max_wait, Duration::from_secs(10));
+        assert_eq!(s.analysis.slices.len(), 7);
+        assert_eq!(s.analysis.slices[1], vec![Field::UserId, Field::Ip]);
+        assert_eq!(s.analysis.top, 100);
+        assert_eq!(s.events.required, vec![Field::UserId]);
+        assert!(s.events.timestamp_required);
+        assert_eq!(
+            s.metrics_log.path.as_deref(),
+            Some(Path::new("login-metrics.log"))
+        );
+        assert_eq!(s.log.format, LogFormat::Text);
+    }
+
+    #[test]
+    fn environment_overrides_and_maps_property_names() {
+        let s = Settings::load_with_env(
+            None,
+            env(&[
+                ("LOGIN_METRICS__KAFKA__BOOTSTRAP_SERVERS", "kafka:9092"),
+                ("LOGIN_METRICS__BATCH__MAX_EVENTS", "500"),
+                ("LOGIN_METRICS__BATCH__MAX_WAIT", "250ms"),
+                (
+                    "LOGIN_METRICS__ANALYSIS__SLICES",
+                    r#"[["ip"],["locale","device_type"]]"#,
+                ),
+                (
+                    "LOGIN_METRICS__KAFKA__CONSUMER__MAX_POLL_INTERVAL_MS",
+                    "10000",
+                ),
+                ("LOGIN_METRICS__METRICS_LOG__PATH", ""),
+                ("UNRELATED", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.kafka.bootstrap_servers, "kafka:9092");
+        assert_eq!(s.batch.max_events, 500);
+        assert_eq!(s.batch.max_wait, Duration::from_millis(250));
+        assert_eq!(
+            s.analysis.slices,
+            vec![vec![Field::Ip], vec![Field::Locale, Field::DeviceType]]
+        );
+        assert_eq!(s.kafka.consumer["max.poll.interval.ms"], "10000");
+        assert!(s.metrics_log.path.is_none());
+    }
+
+    #[test]
+    fn file_layer_applies_and_every_problem_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
+        std::fs::write(
+            &path,
+            "[batch]\nmax_events = 0\nmax_span = \"ten seconds\"\nmax_evnts = 3\n[analysis]\nslices = [[\"ip\", \"colour\"]]\n[nope]\nx = 1\n",
+        )
+        .unwrap();
+        let err = Settings::load_with_env(Some(&path), env(&[])).unwrap_err();
+        let keys = keys(err.clone());
+        for expected in [
+            "batch.max_events",
+            "batch.max_span",
+            "batch.max_evnts",
+            "analysis.slices[0]",
+            "nope",
+        ] {
+            assert!(
+                keys.contains(&expected.to_string()),
+                "{expected} missing in {err}"
+            );
+        }
+        assert!(err
+            .to_string()
+            .contains("batch.max_events: must be at least 1"));
+    }
+
+    #[test]
+    fn unknown_environment_key_is_rejected() {
+        let err = Settings::load_with_env(None, env(&[("LOGIN_METRICS__KAFKA__TOPIC", "x")]))
+            .unwrap_err();
+        assert_eq!(keys(err), vec!["kafka.topic"]);
+    }
+
+    #[test]
+    fn reserved_properties_cannot_be_overridden() {
+        let err = Settings::load_with_env(
+            None,
+            env(&[("LOGIN_METRICS__KAFKA__CONSUMER__ENABLE_AUTO_COMMIT", "true")]),
+        )
+        .unwrap_err();
+        assert_eq!(keys(err), vec!["kafka.consumer.enable_auto_commit"]);
+    }
+
+    #[test]
+    fn pseudonymize_without_key_names_the_key() {
+        let err = Settings::load_with_env(
+            None,
+            env(&[("LOGIN_METRICS__PRIVACY__PSEUDONYMIZE", "ip,device_id")]),
+        )
+        .unwrap_err();
+        assert_eq!(keys(err), vec!["privacy.key"]);
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let s = Settings::load_with_env(
+            None,
+            env(&[
+                ("LOGIN_METRICS__PRIVACY__PSEUDONYMIZE", "ip"),
+                ("LOGIN_METRICS__PRIVACY__KEY", "hunter2-key"),
+                ("LOGIN_METRICS__KAFKA__CONSUMER__SASL_PASSWORD", "pw-secret"),
+            ]),
+        )
+        .unwrap();
+        let text = s.redacted_toml();
+        assert!(!text.contains("hunter2-key"), "{text}");
+        assert!(!text.contains("pw-secret"), "{text}");
+        assert!(text.contains("<redacted>"));
+        assert!(!format!("{s:?}").contains("hunter2-key"));
+        // The printed configuration is itself a valid configuration file.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("effective.toml");
+        let unredacted = Settings::load_with_env(None, env(&[]))
+            .unwrap()
+            .redacted_toml();
+        std::fs::write(&path, unredacted).unwrap();
+        Settings::load_with_env(Some(&path), env(&[])).unwrap();
+    }
+}

@@ -1,0 +1,243 @@
+//! Sinks: the output topic, the dead-letter topic and the metrics log.
+//!
+//! [`Publisher::deliver`] returns only when every record of a batch (its
+//! packet and its dead letters) is acknowledged by the broker (acks=all, by an
+//! idempotent producer). Records that fail are sent again with exponential
+//! backoff; after `kafka.delivery_attempts` attempts the batch is reported
+//! undeliverable, and the caller stops without committing it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+use tracing::warn;
+
+use crate::batch::InvalidMessage;
+use crate::settings::KafkaSettings;
+use crate::telemetry;
+
+/// A record to publish, owned so that it can be sent again.
+#[derive(Debug, Clone)]
+pub struct OutRecord {
+    pub topic: Arc<str>,
+    pub key: Option<Vec<u8>>,
+    pub payload: Arc<[u8]>,
+    pub headers: Vec<(&'static str, Vec<u8>)>,
+}
+
+impl OutRecord {
+    /// The dead letter of an invalid message: its original key and bytes, and
+    /// headers that say what was wrong and where it came from.
+    pub fn dead_letter(topic: &Arc<str>, m: &InvalidMessage) -> OutRecord {
+        OutRecord {
+            topic: topic.clone(),
+            key: m.key.clone(),
+            payload: Arc::from(m.payload.as_slice()),
+            headers: vec![
+                ("error.kind", m.kind.as_str().as_bytes().to_vec()),
+                ("error.reason", m.reason.as_bytes().to_vec()),
+                ("source.topic", m.topic.as_bytes().to_vec()),
+                ("source.partition", m.partition.to_string().into_bytes()),
+                ("source.offset", m.offset.to_string().into_bytes()),
+            ],
+        }
+    }
+}
+
+/// Why a batch could not be delivered.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    #[error("{failed} of {total} records still undelivered after {attempts} attempts: {last}")]
+    Exhausted {
+        failed: usize,
+        total: usize,
+        attempts: u32,
+        last: KafkaError,
+    },
+    #[error("the producer hit a fatal error: {0}")]
+    Fatal(String),
+}
+
+/// Builds the librdkafka producer configuration.
+pub fn producer_config(k: &KafkaSettings) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &k.bootstrap_servers)
+        .set("client.id", "login-metrics")
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("compression.type", &k.compression)
+        .set(
+            "message.timeout.ms",
+            k.delivery_timeout.as_millis().to_string(),
+        )
+        .set("linger.ms", "5");
+    for (key, value) in &k.producer {
+        c.set(key, value);
+    }
+    c
+}
+
+pub struct Publisher {
+    producer: FutureProducer,
+    attempts: u32,
+}
+
+impl Publisher {
+    pub fn new(k: &KafkaSettings) -> Result<Publisher, KafkaError> {
+        Ok(Publisher {
+            producer: producer_config(k).create()?,
+            attempts: k.delivery_attempts,
+        })
+    }
+
+    pub fn producer(&self) -> &FutureProducer {
+        &self.producer
+    }
+
+    /// Delivers every record, retrying failures; returns when all are acknowledged.
+    pub async fn deliver(&self, records: &[OutRecord]) -> Result<(), DeliveryError> {
+        let mut pending: Vec<usize> = (0..records.len()).collect();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let started = Instant::now();
+            let mut futures = Vec::with_capacity(pending.len());
+            for &i in &pending {
+                futures.push((i, self.enqueue(&records[i]).await));
+            }
+            let mut failed = Vec::new();
+            let mut last_error = None;
+            for (i, fut) in futures {
+                let outcome = match fut {
+                    Ok(fut) => match fut.await {
+                        Ok(Ok(_)) => Ok(()),
+                        Ok(Err((e, _))) => Err(e),
+                        Err(_) => Err(KafkaError::Canceled),
+                    },
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = outcome {
+                    failed.push(i);
+                    last_error = Some(e);
+                }
+            }
+            metrics::histogram!(telemetry::DELIVERY_SECONDS)
+                .record(started.elapsed().as_secs_f64());
+            if let Some(fatal) = self.producer.client().fatal_error() {
+                return Err(DeliveryError::Fatal(format!("{:?}: {}", fatal.0, fatal.1)));
+            }
+            let Some(last) = last_error else {
+                return Ok(());
+            };
+            metrics::counter!(telemetry::DELIVERY_FAILURES).increment(failed.len() as u64);
+            if attempt >= self.attempts {
+                return Err(DeliveryError::Exhausted {
+                    failed: failed.len(),
+                    total: records.len(),
+                    attempts: attempt,
+                    last,
+                });
+            }
+            let backoff = backoff(attempt);
+            warn!(
+                attempt,
+                of = self.attempts,
+                failed = failed.len(),
+                total = records.len(),
+                error = %last,
+                "delivery failed; retrying in {}",
+                humantime::format_duration(backoff)
+            );
+            tokio::time::sleep(backoff).await;
+            pending = failed;
+        }
+    }
+
+    /// Hands one record to librdkafka, waiting while its queue is full.
+    async fn enqueue(
+        &self,
+        r: &OutRecord,
+    ) -> Result<rdkafka::producer::DeliveryFuture, KafkaError> {
+        loop {
+            let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
+            for (k, v) in &r.headers {
+                headers = headers.insert(Header {
+                    key: k,
+                    value: Some(v.as_slice()),
+                });
+            }
+            let mut record = FutureRecord::<[u8], [u8]>::to(&r.topic)
+                .payload(&r.payload[..])
+                .headers(headers);
+            if let Some(key) = &r.key {
+                record = record.key(&key[..]);
+            }
+            match self.producer.send_result(record) {
+                Ok(fut) => return Ok(fut),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+
+    /// Waits for everything queued to be delivered (shutdown).
+    pub fn flush(&self, timeout: Duration) {
+        if let Err(e) = self.producer.flush(Timeout::After(timeout)) {
+            warn!(error = %e, "producer flush did not complete");
+        }
+    }
+}
+
+/// 1s, 2s, 4s, ... capped at 30s.
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_secs(1u64 << attempt.saturating_sub(1).min(5)).min(Duration::from_secs(30))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::ErrorKind;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let b: Vec<u64> = (1..=8).map(|a| backoff(a).as_secs()).collect();
+        assert_eq!(b, vec![1, 2, 4, 8, 16, 30, 30, 30]);
+    }
+
+    #[test]
+    fn dead_letters_carry_reason_and_coordinates() {
+        let m = InvalidMessage {
+            topic: Arc::from("user-login"),
+            partition: 2,
+            offset: 41,
+            key: Some(b"k".to_vec()),
+            payload: b"{oops".to_vec(),
+            kind: ErrorKind::NotJson,
+            reason: "not JSON: EOF".into(),
+        };
+        let r = OutRecord::dead_letter(&Arc::from("dlq"), &m);
+        assert_eq!(&*r.topic, "dlq");
+        assert_eq!(&r.payload[..], b"{oops");
+        let h: Vec<(&str, String)> = r
+            .headers
+            .iter()
+            .map(|(k, v)| (*k, String::from_utf8(v.clone()).unwrap()))
+            .collect();
+        assert_eq!(
+            h,
+            vec![
+                ("error.kind", "not_json".into()),
+                ("error.reason", "not JSON: EOF".into()),
+                ("source.topic", "user-login".into()),
+                ("source.partition", "2".into()),
+                ("source.offset", "41".into()),
+            ]
+        );
+    }
+}

@@ -1,0 +1,268 @@
+//! Telemetry: logging set-up, Prometheus metrics, health and readiness.
+//!
+//! Metrics are recorded through the `metrics` facade everywhere in the
+//! pipeline (a no-op until a recorder is installed) and exposed in Prometheus
+//! text format by `metrics-exporter-prometheus` on the `telemetry.listen`
+//! address, next to `/healthz` (the pipeline loop is alive) and `/readyz`
+//! (connected to the brokers with partitions assigned).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::settings::{LogFormat, LogSettings};
+
+pub const MESSAGES: &str = "login_metrics_messages_consumed_total";
+pub const EVENTS_VALID: &str = "login_metrics_events_valid_total";
+pub const EVENTS_INVALID: &str = "login_metrics_events_invalid_total";
+pub const DEAD_LETTERS: &str = "login_metrics_dead_letters_total";
+pub const PACKETS: &str = "login_metrics_packets_published_total";
+pub const PACKET_BYTES: &str = "login_metrics_packet_bytes_total";
+pub const BATCHES: &str = "login_metrics_batches_total";
+pub const BATCH_EVENTS: &str = "login_metrics_batch_events";
+pub const ANALYSIS_SECONDS: &str = "login_metrics_batch_analysis_seconds";
+pub const DELIVERY_SECONDS: &str = "login_metrics_delivery_seconds";
+pub const DELIVERY_FAILURES: &str = "login_metrics_delivery_failures_total";
+pub const COMMITS: &str = "login_metrics_offset_commits_total";
+pub const COMMIT_FAILURES: &str = "login_metrics_offset_commit_failures_total";
+pub const CONSUMER_LAG: &str = "login_metrics_consumer_lag";
+pub const UPTIME: &str = "login_metrics_uptime_seconds";
+pub const BUILD_INFO: &str = "login_metrics_build_info";
+
+/// Installs the tracing subscriber. `RUST_LOG`, when set, overrides `log.level`.
+pub fn init_logging(log: &LogSettings) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match log.format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.with_target(false).try_init(),
+    };
+}
+
+static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder (once) and returns its handle.
+pub fn prometheus() -> PrometheusHandle {
+    RECORDER
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    30.0,
+                ])
+                .expect("static buckets are valid")
+                .install_recorder()
+                .expect("no other metrics recorder is installed");
+            describe();
+            metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(MESSAGES, "Input messages consumed, valid or not.");
+    describe_counter!(EVENTS_VALID, "Valid login events consumed.");
+    describe_counter!(EVENTS_INVALID, "Invalid messages, by error kind.");
+    describe_counter!(DEAD_LETTERS, "Messages delivered to the dead-letter topic.");
+    describe_counter!(PACKETS, "Metric packets delivered to the output topic.");
+    describe_counter!(
+        PACKET_BYTES,
+        Unit::Bytes,
+        "Bytes of delivered metric packets (uncompressed JSON)."
+    );
+    describe_counter!(BATCHES, "Batches closed, by closing reason.");
+    describe_histogram!(BATCH_EVENTS, "Valid events per batch.");
+    describe_histogram!(
+        ANALYSIS_SECONDS,
+        Unit::Seconds,
+        "Polars analysis and packet encoding time per batch."
+    );
+    describe_histogram!(
+        DELIVERY_SECONDS,
+        Unit::Seconds,
+        "Time from sending a batch's records to their acknowledgement."
+    );
+    describe_counter!(
+        DELIVERY_FAILURES,
+        "Records whose delivery attempt failed (each is retried)."
+    );
+    describe_counter!(COMMITS, "Successful offset commits.");
+    describe_counter!(COMMIT_FAILURES, "Failed offset commit attempts.");
+    describe_gauge!(
+        CONSUMER_LAG,
+        "Messages behind the partition's high watermark (librdkafka statistics)."
+    );
+    describe_gauge!(UPTIME, Unit::Seconds, "Seconds since the process started.");
+    describe_gauge!(BUILD_INFO, "Always 1; the version label names the build.");
+}
+
+/// Liveness and readiness, updated by the pipeline.
+#[derive(Debug)]
+pub struct Health {
+    started: Instant,
+    /// Milliseconds since `started` of the consumer loop's last turn.
+    heartbeat_ms: AtomicI64,
+    assigned_partitions: AtomicU64,
+    brokers_up: AtomicBool,
+    loop_running: AtomicBool,
+}
+
+/// The loop counts as stalled when it has not turned for this long.
+const STALL: Duration = Duration::from_secs(30);
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            started: Instant::now(),
+            heartbeat_ms: AtomicI64::new(0),
+            assigned_partitions: AtomicU64::new(0),
+            brokers_up: AtomicBool::new(false),
+            loop_running: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Health {
+    pub fn beat(&self) {
+        self.loop_running.store(true, Ordering::Relaxed);
+        self.heartbeat_ms
+            .store(self.started.elapsed().as_millis() as i64, Ordering::Relaxed);
+    }
+
+    pub fn stopped(&self) {
+        self.loop_running.store(false, Ordering::Relaxed);
+    }
+
+    pub fn set_assigned(&self, n: usize) {
+        self.assigned_partitions.store(n as u64, Ordering::Relaxed);
+    }
+
+    pub fn set_brokers_up(&self, up: bool) {
+        self.brokers_up.store(up, Ordering::Relaxed);
+    }
+
+    pub fn assigned(&self) -> u64 {
+        self.assigned_partitions.load(Ordering::Relaxed)
+    }
+
+    pub fn is_alive(&self) -> bool {
+        let last = self.heartbeat_ms.load(Ordering::Relaxed);
+        let now = self.started.elapsed().as_millis() as i64;
+        self.loop_running.load(Ordering::Relaxed) && now - last < STALL.as_millis() as i64
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.is_alive() && self.brokers_up.load(Ordering::Relaxed) && self.assigned() > 0
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    health: Arc<Health>,
+    prometheus: PrometheusHandle,
+    started: Instant,
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown` is cancelled.
+/// Returns the bound address (useful with port 0).
+pub async fn serve(
+    addr: SocketAddr,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    let state = AppState {
+        health,
+        prometheus: prometheus(),
+        started: Instant::now(),
+    };
+    let app = Router::new()
+        .route("/metrics", get(metrics_page))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(state);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    info!(address = %bound, "serving /metrics, /healthz and /readyz");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
+    });
+    Ok(bound)
+}
+
+async fn metrics_page(State(s): State<AppState>) -> String {
+    metrics::gauge!(UPTIME).set(s.started.elapsed().as_secs_f64());
+    s.prometheus.render()
+}
+
+async fn healthz(State(s): State<AppState>) -> (StatusCode, &'static str) {
+    if s.health.is_alive() {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "pipeline loop is not running\n",
+        )
+    }
+}
+
+async fn readyz(State(s): State<AppState>) -> (StatusCode, &'static str) {
+    if s.health.is_ready() {
+        (StatusCode::OK, "ready\n")
+    } else if !s.health.is_alive() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "pipeline loop is not running\n",
+        )
+    } else if s.health.assigned() == 0 {
+        (StatusCode::SERVICE_UNAVAILABLE, "no partitions assigned\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "brokers not connected\n")
+    }
+}
+
+/// `login-metrics health`: exits 0 when `/healthz` answers 200. A plain
+/// HTTP/1.0 request, so container images need no curl.
+pub fn check_health(url: &str) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("{url}: only http:// URLs are supported"))?;
+    let (host, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/healthz"),
+    };
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(host)
+        .map_err(|e| format!("{host}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{host}: no address"))?;
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+        .map_err(|e| format!("{addr}: {e}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(3))).ok();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .map_err(|e| e.to_string())?;
+    let status = response.lines().next().unwrap_or_default();
+    if status.split_whitespace().nth(1) == Some("200") {
+        Ok(())
+    } else {
+        Err(format!("{url}: {status}"))
+    }
+}
