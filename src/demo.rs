@@ -130,7 +130,7 @@ pub fn produce_generated(
             }
         }
         produced += 1;
-        if produced % 1024 == 0 {
+        if produced.is_multiple_of(1024) {
             producer.poll(Duration::ZERO);
             meter.set(produced);
         }

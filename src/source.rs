@@ -371,12 +371,10 @@ pub fn consume(
         let now = Instant::now();
         match polled {
             Some(Ok(m)) => driver.on_message(&m, now),
-            Some(Err(e)) => {
-                if poll_errors.allow(now) {
-                    warn!(error = %e, "consumer error (librdkafka retries on its own)");
-                }
+            Some(Err(e)) if poll_errors.allow(now) => {
+                warn!(error = %e, "consumer error (librdkafka retries on its own)");
             }
-            None => {}
+            Some(Err(_)) | None => {}
         }
         driver.closed.extend(driver.batcher.poll_expired(now));
         driver.dispatch();

@@ -1,0 +1,143 @@
+//! The `login-metrics` binary: configuration errors, the effective
+//! configuration, pseudonyms and the demo.
+
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_login-metrics"));
+    // The tests decide the environment; nothing of the caller's leaks in.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("LOGIN_METRICS__") || k == "RUST_LOG" {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+fn run(c: &mut Command) -> (Output, String, String) {
+    let out = c.output().expect("runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out, stdout, stderr)
+}
+
+#[test]
+fn bad_configuration_exits_non_zero_naming_every_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(&file, "[kafka]\ntopic = \"x\"\n[batch]\nmax_events = 0\n").unwrap();
+    let (out, _, err) = run(bin()
+        .args(["config", "--config"])
+        .arg(&file)
+        .env("LOGIN_METRICS__BATCH__MAX_SPAN", "ten seconds"));
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("kafka.topic: unknown key"), "{err}");
+    assert!(
+        err.contains("batch.max_events: must be at least 1"),
+        "{err}"
+    );
+    assert!(err.contains("batch.max_span:"), "{err}");
+    assert!(err.contains("3 problems"), "{err}");
+}
+
+#[test]
+fn run_refuses_a_bad_configuration_before_connecting() {
+    let (out, _, err) = run(bin()
+        .arg("run")
+        .env("LOGIN_METRICS__BATCH__MAX_WAIT", "soon"));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(err.contains("batch.max_wait"), "{err}");
+}
+
+#[test]
+fn a_missing_config_file_is_named() {
+    let (out, _, err) = run(bin().args(["config", "--config", "/nonexistent/lm.toml"]));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        err.contains("--config") && err.contains("/nonexistent/lm.toml"),
+        "{err}"
+    );
+}
+
+#[test]
+fn config_prints_the_effective_configuration_with_secrets_redacted() {
+    let (out, text, err) = run(bin()
+        .arg("config")
+        .env("LOGIN_METRICS__KAFKA__BOOTSTRAP_SERVERS", "kafka:9092")
+        .env("LOGIN_METRICS__KAFKA__CONSUMER__SASL_PASSWORD", "s3cr3t-pw")
+        .env("LOGIN_METRICS__PRIVACY__PSEUDONYMIZE", "ip")
+        .env("LOGIN_METRICS__PRIVACY__KEY", "k3y-material"));
+    assert!(out.status.success(), "{err}");
+    assert!(
+        text.contains("bootstrap_servers = \"kafka:9092\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("\"sasl.password\" = \"<redacted>\""),
+        "{text}"
+    );
+    assert!(
+        !text.contains("s3cr3t-pw") && !text.contains("k3y-material"),
+        "{text}"
+    );
+}
+
+#[test]
+fn pseudonym_prints_the_keyed_hmac_of_each_value() {
+    let (out, text, err) = run(bin()
+        .args(["pseudonym", "what do ya want for nothing?", "10.0.0.1"])
+        .env("LOGIN_METRICS__PRIVACY__KEY", "Jefe"));
+    assert!(out.status.success(), "{err}");
+    let first = text.lines().next().unwrap();
+    assert_eq!(
+        first,
+        "5bdcc146bf60754e6a042426089575c7\twhat do ya want for nothing?"
+    );
+    let (out, _, err) = run(bin().args(["pseudonym", "x"]));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(err.contains("privacy.key"), "{err}");
+}
+
+#[test]
+fn health_fails_when_nothing_listens() {
+    let (out, _, err) = run(bin().args(["health", "--url", "http://127.0.0.1:9/healthz"]));
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("unhealthy"), "{err}");
+}
+
+#[test]
+fn demo_runs_on_the_mock_cluster_and_leaves_the_metrics_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, text, err) = run(bin()
+        .args(["demo", "--events", "30000", "--seed", "5"])
+        .current_dir(dir.path()));
+    assert!(out.status.success(), "{err}");
+    assert!(text.contains("events processed  30000"), "{text}");
+    assert!(text.contains("user_id + ip"), "{text}");
+    let log = std::fs::read_to_string(dir.path().join("login-metrics.log")).unwrap();
+    let valid: u64 = log
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["events"]["valid"]
+                .as_u64()
+                .unwrap()
+        })
+        .sum();
+    let invalid: u64 = log
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["events"]["invalid"]
+                .as_u64()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(
+        valid + invalid,
+        30_000,
+        "every event is in exactly one packet"
+    );
+    assert!(
+        text.contains(&format!("valid             {valid}")),
+        "{text}"
+    );
+}
