@@ -65,7 +65,17 @@ pub fn prometheus() -> PrometheusHandle {
                 .expect("static buckets are valid")
                 .set_buckets_for_metric(
                     Matcher::Full(BATCH_EVENTS.to_string()),
-                    &[1.0, 10.0, 100.0, 1_000.0, 5_000.0, 10_000.0, 50_000.0, 100_000.0, 1_000_000.0],
+                    &[
+                        1.0,
+                        10.0,
+                        100.0,
+                        1_000.0,
+                        5_000.0,
+                        10_000.0,
+                        50_000.0,
+                        100_000.0,
+                        1_000_000.0,
+                    ],
                 )
                 .expect("static buckets are valid")
                 .install_recorder()

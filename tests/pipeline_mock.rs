@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use common::*;
 use login_metrics::event::ErrorKind;
-use login_metrics::generator::{Generator, GeneratorConfig};
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use serde_json::{json, Value};
@@ -45,27 +44,8 @@ async fn packet_counts_equal_a_naive_count_over_the_same_batches() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("metrics.log");
 
-    let mut cfg = GeneratorConfig::new(11);
-    cfg.users = 3_000; // small pool: many duplicates and many truncated slices
-    cfg.malformed_rate = 0.003;
-    let generated: Vec<_> = Generator::new(cfg).take(24_000).collect();
-    let inputs: Vec<Input> = generated
-        .iter()
-        .enumerate()
-        .map(|(i, m)| Input {
-            partition: (i % 3) as i32,
-            key: m.key.clone(),
-            payload: m.payload.clone(),
-        })
-        .collect();
-    let offsets = produce(&bs, INPUT, &inputs);
-    let by_coord: HashMap<(i32, i64), &login_metrics::generator::GeneratedMessage> = inputs
-        .iter()
-        .zip(&offsets)
-        .zip(&generated)
-        .map(|((inp, off), g)| ((inp.partition, *off), g))
-        .collect();
-
+    let (inputs, malformed) = generated_input(11, 3_000, 24_000, 3);
+    let input = produce_input(&bs, &inputs, &malformed);
     let s = settings(
         &bs,
         &log,
@@ -75,12 +55,6 @@ async fn packet_counts_equal_a_naive_count_over_the_same_batches() {
             ("BATCH__MAX_SPAN", "1h"),
         ],
     );
-    let slices: Vec<Vec<String>> = s
-        .analysis
-        .slices
-        .iter()
-        .map(|sl| sl.iter().map(|f| f.name().to_string()).collect())
-        .collect();
     let run = start(s);
     run.consumed(inputs.len() as u64, T).await;
     let summary = run.stop().await.expect("run succeeds");
@@ -88,55 +62,11 @@ async fn packet_counts_equal_a_naive_count_over_the_same_batches() {
 
     let packets = read_packets(&bs);
     assert!(packets.len() >= 8, "{} packets", packets.len());
-    let mut covered: HashMap<(i32, i64), usize> = HashMap::new();
-    let mut truncated_seen = false;
-    for p in &packets {
-        let mut valid = Vec::new();
-        let mut invalid = 0;
-        for src in &p.sources {
-            assert_eq!(src.topic, INPUT);
-            for off in src.first_offset..=src.last_offset {
-                *covered.entry((src.partition, off)).or_default() += 1;
-                let g = by_coord[&(src.partition, off)];
-                match g.malformed {
-                    None => valid.push(serde_json::from_slice::<Value>(&g.payload).unwrap()),
-                    Some(_) => invalid += 1,
-                }
-            }
-        }
-        assert_eq!(
-            p.events.valid,
-            valid.len() as u64,
-            "valid count of {}",
-            p.packet_id
-        );
-        assert_eq!(
-            p.events.invalid, invalid,
-            "invalid count of {}",
-            p.packet_id
-        );
-        assert_eq!(p.metrics.len(), slices.len());
-        for (i, slice) in slices.iter().enumerate() {
-            let (groups, dup_groups, rows) = naive_counts(&valid, slice);
-            let m = &p.metrics[i];
-            assert_eq!(&m.slice, slice);
-            assert_eq!(m.groups, groups, "groups of {slice:?} in {}", p.packet_id);
-            assert_eq!(
-                m.duplicate_groups, dup_groups,
-                "duplicate groups of {slice:?}"
-            );
-            let expected: Vec<_> = rows.into_iter().take(25).collect();
-            assert_eq!(
-                packet_rows(p, i),
-                expected,
-                "rows of {slice:?} in {}",
-                p.packet_id
-            );
-            assert_eq!(m.truncated, dup_groups > 25);
-            truncated_seen |= m.truncated;
-        }
-    }
-    assert!(truncated_seen, "the data exercises truncation");
+    let covered = verify_packets(&packets, &input, &default_slices(), 25);
+    assert!(
+        packets.iter().flat_map(|p| &p.metrics).any(|m| m.truncated),
+        "the data exercises truncation"
+    );
     assert_eq!(covered.len(), inputs.len(), "every input offset is covered");
     assert!(
         covered.values().all(|&n| n == 1),

@@ -3,6 +3,8 @@
 //! packet schema.
 #![allow(dead_code)]
 
+pub mod broker;
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -139,13 +141,18 @@ pub fn read_all(bootstrap: &str, topic: &str) -> Vec<Read> {
     consumer.assign(&tpl).expect("assign");
     let mut out = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while (out.len() as i64) < remaining {
+    // Some brokers (tansu 0.6) report the high watermark as the last record
+    // batch's base offset + 1, short of the real end; so read at least up to
+    // the watermark, then on until the topic stays quiet.
+    let mut last_message = Instant::now();
+    while (out.len() as i64) < remaining || last_message.elapsed() < Duration::from_millis(1500) {
         assert!(
             Instant::now() < deadline,
             "timed out reading {topic}: {} of {remaining}",
             out.len()
         );
         if let Some(m) = consumer.poll(Duration::from_millis(100)) {
+            last_message = Instant::now();
             let m = m.expect("read");
             let mut headers = HashMap::new();
             if let Some(h) = m.headers() {
@@ -348,4 +355,214 @@ pub fn assert_schema_valid(packets: &[Value]) {
 
 pub fn all_fields() -> Vec<&'static str> {
     Field::ALL.iter().map(|f| f.name()).collect()
+}
+
+/// The input as produced: (partition, offset) → (generated to be invalid, payload).
+pub type InputMap = HashMap<(i32, i64), (bool, Vec<u8>)>;
+
+/// Checks every packet against the input it names: valid and invalid counts,
+/// and per slice the groups, duplicate groups and rows of a naive count over
+/// the same messages. Returns how often each input offset is covered.
+pub fn verify_packets(
+    packets: &[Packet],
+    input: &InputMap,
+    slices: &[Vec<String>],
+    top: usize,
+) -> HashMap<(i32, i64), usize> {
+    let mut covered: HashMap<(i32, i64), usize> = HashMap::new();
+    for p in packets {
+        let mut valid = Vec::new();
+        let mut invalid = 0;
+        for src in &p.sources {
+            assert_eq!(src.topic, INPUT);
+            for off in src.first_offset..=src.last_offset {
+                *covered.entry((src.partition, off)).or_default() += 1;
+                let (bad, payload) = input.get(&(src.partition, off)).unwrap_or_else(|| {
+                    panic!(
+                        "packet {} names {}/{off}, not in the input",
+                        p.packet_id, src.partition
+                    )
+                });
+                if *bad {
+                    invalid += 1;
+                } else {
+                    valid.push(serde_json::from_slice::<Value>(payload).unwrap());
+                }
+            }
+        }
+        assert_eq!(
+            p.events.valid,
+            valid.len() as u64,
+            "valid count of {}",
+            p.packet_id
+        );
+        assert_eq!(
+            p.events.invalid, invalid,
+            "invalid count of {}",
+            p.packet_id
+        );
+        assert_eq!(p.metrics.len(), slices.len());
+        for (i, slice) in slices.iter().enumerate() {
+            let (groups, dup_groups, mut rows) = naive_counts(&valid, slice);
+            let m = &p.metrics[i];
+            assert_eq!(&m.slice, slice);
+            assert_eq!(m.groups, groups, "groups of {slice:?} in {}", p.packet_id);
+            assert_eq!(
+                m.duplicate_groups, dup_groups,
+                "duplicate groups of {slice:?} in {}",
+                p.packet_id
+            );
+            rows.truncate(top);
+            assert_eq!(
+                packet_rows(p, i),
+                rows,
+                "rows of {slice:?} in {}",
+                p.packet_id
+            );
+            assert_eq!(m.truncated, dup_groups > top as u64);
+        }
+    }
+    covered
+}
+
+/// Generated input spread round-robin over `partitions`, and its map by coordinate.
+pub fn generated_input(
+    seed: u64,
+    users: usize,
+    count: usize,
+    partitions: i32,
+) -> (Vec<Input>, Vec<bool>) {
+    let mut cfg = login_metrics::generator::GeneratorConfig::new(seed);
+    cfg.users = users;
+    cfg.malformed_rate = 0.003;
+    let generated: Vec<_> = login_metrics::generator::Generator::new(cfg)
+        .take(count)
+        .collect();
+    let inputs = generated
+        .iter()
+        .enumerate()
+        .map(|(i, m)| Input {
+            partition: (i as i32) % partitions,
+            key: m.key.clone(),
+            payload: m.payload.clone(),
+        })
+        .collect();
+    (
+        inputs,
+        generated.iter().map(|m| m.malformed.is_some()).collect(),
+    )
+}
+
+/// Produces `inputs` and returns the map by coordinate.
+pub fn produce_input(bootstrap: &str, inputs: &[Input], malformed: &[bool]) -> InputMap {
+    let offsets = produce(bootstrap, INPUT, inputs);
+    inputs
+        .iter()
+        .zip(&offsets)
+        .zip(malformed)
+        .map(|((inp, off), bad)| ((inp.partition, *off), (*bad, inp.payload.clone())))
+        .collect()
+}
+
+/// The slices of the default configuration, as names.
+pub fn default_slices() -> Vec<Vec<String>> {
+    let s = Settings::load_with_env(None, Vec::<(String, String)>::new()).unwrap();
+    s.analysis
+        .slices
+        .iter()
+        .map(|sl| sl.iter().map(|f| f.name().to_string()).collect())
+        .collect()
+}
+
+/// Waits until the group's committed offsets equal `expected`.
+pub fn wait_committed(bootstrap: &str, group: &str, expected: &[i64], timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let now = committed(bootstrap, group, expected.len() as i32);
+        if now == expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "committed offsets {now:?}, expected {expected:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The end offset of each input partition, as produced.
+pub fn end_offsets(input: &InputMap, partitions: i32) -> Vec<i64> {
+    (0..partitions)
+        .map(|p| {
+            input
+                .keys()
+                .filter(|(q, _)| *q == p)
+                .map(|(_, o)| o + 1)
+                .max()
+                .unwrap_or(0)
+        })
+        .collect()
+}
+
+/// Samples the group's committed offsets during a run and checks that none
+/// is ever ahead of what delivered packets cover ("never commit before delivery").
+pub struct CommitWatch {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<(usize, Vec<String>)>,
+}
+
+impl CommitWatch {
+    pub fn start(
+        bootstrap: &str,
+        group: &str,
+        partitions: i32,
+        delivered: Arc<Mutex<Vec<Packet>>>,
+    ) -> CommitWatch {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (bs, group, flag) = (bootstrap.to_string(), group.to_string(), stop.clone());
+        let handle = std::thread::spawn(move || {
+            let s = settings(&bs, Path::new("unused"), &[("KAFKA__GROUP_ID", &group)]);
+            let (mut samples, mut violations) = (0, Vec::new());
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                // Committed first, packets second: packets only grow, so a commit
+                // seen here must already be covered by the packets read after it.
+                if let Ok(now) = login_metrics::source::committed_offsets(
+                    &s.kafka,
+                    partitions,
+                    Duration::from_secs(2),
+                ) {
+                    let packets = delivered.lock().unwrap().clone();
+                    for (p, c) in now.iter().enumerate() {
+                        let covered = packets
+                            .iter()
+                            .flat_map(|pk| &pk.sources)
+                            .filter(|s| s.partition == p as i32)
+                            .map(|s| s.last_offset + 1)
+                            .max()
+                            .unwrap_or(-1);
+                        if *c > covered.max(0) {
+                            violations.push(format!(
+                                "partition {p}: committed {c}, delivered up to {covered}"
+                            ));
+                        }
+                    }
+                    samples += 1;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            (samples, violations)
+        });
+        CommitWatch { stop, handle }
+    }
+
+    /// Stops sampling and asserts no violation was seen.
+    pub fn check(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (samples, violations) = self.handle.join().unwrap();
+        assert!(samples > 0, "the watch took no sample");
+        assert!(
+            violations.is_empty(),
+            "committed before delivery: {violations:?}"
+        );
+    }
 }

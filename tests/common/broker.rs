@@ -1,0 +1,231 @@
+//! A real Kafka-protocol broker (tansu) in a separate process on 127.0.0.1,
+//! and the `login-metrics` binary run against it as a subprocess.
+//!
+//! The broker binary is installed by `scripts/install-broker` (the README's
+//! test command runs it). When it is missing, the tests fail with the reason
+//! and the fix; they are never skipped.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+
+pub struct Broker {
+    child: Child,
+    pub bootstrap: String,
+}
+
+fn broker_binary() -> PathBuf {
+    let path = std::env::var_os("LOGIN_METRICS_TEST_BROKER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/tansu/tansu"));
+    assert!(
+        path.is_file(),
+        "the test broker is not installed at {}.\n\
+         Fix: run scripts/install-broker (it fetches tansu from PyPI into .cache/tansu), \
+         or run the whole suite with scripts/test, or point LOGIN_METRICS_TEST_BROKER at a tansu binary.",
+        path.display()
+    );
+    path
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+impl Broker {
+    /// Starts a broker with in-memory storage on a free loopback port.
+    pub fn start() -> Broker {
+        let bin = broker_binary();
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(&bin)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                "memory://tansu/",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start the test broker {}: {e}", bin.display()));
+        let bootstrap = format!("127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(&bootstrap).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the test broker did not listen on {bootstrap}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Broker { child, bootstrap }
+    }
+
+    pub async fn create_topic(&self, name: &str, partitions: i32) {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .create()
+            .expect("admin client");
+        let results = admin
+            .create_topics(
+                &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+            )
+            .await
+            .expect("create topics");
+        for r in results {
+            r.unwrap_or_else(|(t, e)| panic!("cannot create {t}: {e}"));
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `login-metrics run` subprocess.
+pub struct Service {
+    pub child: Child,
+    pub log_path: PathBuf,
+    pub metrics_port: u16,
+    pub stderr_path: PathBuf,
+}
+
+/// Settings every real-broker run uses: a short group-join time on tansu
+/// (it holds a new group's first join for about max.poll.interval.ms).
+pub fn service_env(bootstrap: &str, group: &str) -> Vec<(String, String)> {
+    [
+        ("KAFKA__BOOTSTRAP_SERVERS", bootstrap),
+        ("KAFKA__GROUP_ID", group),
+        ("KAFKA__CONSUMER__MAX_POLL_INTERVAL_MS", "10000"),
+        ("KAFKA__CONSUMER__SESSION_TIMEOUT_MS", "6000"),
+        ("KAFKA__CONSUMER__HEARTBEAT_INTERVAL_MS", "500"),
+        ("TELEMETRY__PROGRESS_INTERVAL", "1s"),
+    ]
+    .iter()
+    .map(|(k, v)| (format!("LOGIN_METRICS__{k}"), v.to_string()))
+    .collect()
+}
+
+impl Service {
+    /// Starts `login-metrics run` with `env` (full variable names) and a metrics log in `dir`.
+    pub fn start(dir: &Path, name: &str, env: &[(String, String)]) -> Service {
+        let log_path = dir.join(format!("{name}.metrics.log"));
+        let stderr_path = dir.join(format!("{name}.stderr.log"));
+        let metrics_port = free_port();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_login-metrics"));
+        cmd.arg("run");
+        for (k, _) in std::env::vars() {
+            if k.starts_with("LOGIN_METRICS__") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("LOGIN_METRICS__METRICS_LOG__PATH", &log_path)
+            .env(
+                "LOGIN_METRICS__TELEMETRY__LISTEN",
+                format!("127.0.0.1:{metrics_port}"),
+            )
+            .env("LOGIN_METRICS__LOG__FORMAT", "json")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr_path).expect("stderr file"));
+        let child = cmd.spawn().expect("login-metrics starts");
+        Service {
+            child,
+            log_path,
+            metrics_port,
+            stderr_path,
+        }
+    }
+
+    pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
+        use std::io::{Read, Write};
+        let mut s = TcpStream::connect(("127.0.0.1", self.metrics_port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        let status = text.split_whitespace().nth(1)?.parse().ok()?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|x| x.1.to_string())
+            .unwrap_or_default();
+        Some((status, body))
+    }
+
+    /// Waits until /readyz answers 200 (connected, partitions assigned).
+    pub fn wait_ready(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some((200, _)) = self.http_get("/readyz") {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "login-metrics was not ready in {timeout:?}; stderr:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// The packets this process wrote to its metrics log.
+    pub fn logged_packets(&self) -> Vec<login_metrics::packet::Packet> {
+        std::fs::read_to_string(&self.log_path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("packet line"))
+            .collect()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{sig} failed");
+    }
+
+    /// Waits for the process to exit; returns its exit code (None: killed by a signal).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "login-metrics did not exit in {timeout:?}; stderr:\n{}",
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

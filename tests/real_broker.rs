@@ -1,0 +1,327 @@
+//! The real `login-metrics` binary against a real Kafka-protocol broker
+//! (tansu, a separate process on 127.0.0.1): end to end, kill -9, SIGTERM and
+//! two instances in one group. Input and output are checked with an
+//! independent consumer.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::broker::{service_env, Broker, Service};
+use common::*;
+use login_metrics::packet::Packet;
+use rand::{Rng, SeedableRng};
+
+const READY: Duration = Duration::from_secs(60);
+const DONE: Duration = Duration::from_secs(180);
+
+async fn broker_with_topics(partitions: i32) -> Broker {
+    let b = Broker::start();
+    b.create_topic(INPUT, partitions).await;
+    b.create_topic(OUTPUT, 1).await;
+    b.create_topic(DLQ, 1).await;
+    b
+}
+
+fn env(b: &Broker, group: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut e = service_env(&b.bootstrap, group);
+    e.extend(
+        extra
+            .iter()
+            .map(|(k, v)| (format!("LOGIN_METRICS__{k}"), v.to_string())),
+    );
+    e
+}
+
+/// The output topic's packets with their offsets in that topic.
+fn packets_with_offsets(bootstrap: &str) -> Vec<(i64, Packet)> {
+    let mut reads = read_all(bootstrap, OUTPUT);
+    reads.sort_by_key(|r| r.offset);
+    reads
+        .into_iter()
+        .map(|r| {
+            (
+                r.offset,
+                serde_json::from_slice(&r.payload).expect("packet"),
+            )
+        })
+        .collect()
+}
+
+fn output_end(bootstrap: &str) -> i64 {
+    read_all(bootstrap, OUTPUT)
+        .iter()
+        .map(|r| r.offset + 1)
+        .max()
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_to_end_over_tcp_counts_match_a_naive_count_and_dead_letters_arrive_once() {
+    let b = broker_with_topics(3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (inputs, malformed) = generated_input(21, 5_000, 30_000, 3);
+    let input = produce_input(&b.bootstrap, &inputs, &malformed);
+    let ends = end_offsets(&input, 3);
+
+    let mut svc = Service::start(
+        dir.path(),
+        "e2e",
+        &env(
+            &b,
+            "e2e",
+            &[("BATCH__MAX_EVENTS", "4000"), ("BATCH__MAX_SPAN", "1h")],
+        ),
+    );
+    wait_committed(&b.bootstrap, "e2e", &ends, DONE);
+    svc.signal("TERM");
+    assert_eq!(svc.wait_exit(DONE), Some(0), "{}", svc.stderr());
+
+    let packets: Vec<Packet> = packets_with_offsets(&b.bootstrap)
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect();
+    let covered = verify_packets(&packets, &input, &default_slices(), 100);
+    assert_eq!(
+        covered.len(),
+        inputs.len(),
+        "every input message is in a packet"
+    );
+    assert!(covered.values().all(|&n| n == 1), "and in only one");
+    let valid_sum: u64 = packets.iter().map(|p| p.events.valid).sum();
+    assert_eq!(valid_sum, malformed.iter().filter(|m| !**m).count() as u64);
+
+    let dead = read_all(&b.bootstrap, DLQ);
+    let mut expected: Vec<(i32, i64)> = input
+        .iter()
+        .filter(|(_, (bad, _))| *bad)
+        .map(|(c, _)| *c)
+        .collect();
+    let mut got: Vec<(i32, i64)> = dead
+        .iter()
+        .map(|d| {
+            let c = (
+                d.headers["source.partition"].parse().unwrap(),
+                d.headers["source.offset"].parse().unwrap(),
+            );
+            assert_eq!(
+                d.payload, input[&c].1,
+                "dead letter carries the original bytes"
+            );
+            assert_eq!(d.headers["source.topic"], INPUT);
+            assert!(!d.headers["error.kind"].is_empty() && !d.headers["error.reason"].is_empty());
+            c
+        })
+        .collect();
+    expected.sort();
+    got.sort();
+    assert!(!expected.is_empty());
+    assert_eq!(
+        got, expected,
+        "every invalid message is in the dead-letter topic exactly once"
+    );
+
+    let values: Vec<serde_json::Value> = packets
+        .iter()
+        .map(|p| serde_json::to_value(p).unwrap())
+        .collect();
+    assert_schema_valid(&values);
+    assert_eq!(
+        svc.logged_packets(),
+        packets,
+        "the log file holds the packets of the topic"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_random_points_loses_nothing() {
+    let b = broker_with_topics(3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (inputs, malformed) = generated_input(33, 20_000, 60_000, 3);
+    let input = produce_input(&b.bootstrap, &inputs, &malformed);
+    let ends = end_offsets(&input, 3);
+    let e = env(
+        &b,
+        "crashy",
+        &[("BATCH__MAX_EVENTS", "1500"), ("BATCH__MAX_SPAN", "1h")],
+    );
+
+    let seed = 20261121u64;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    // Per killed run: the output offsets it published at and the commits it left.
+    let mut runs: Vec<(std::ops::Range<i64>, Vec<i64>)> = Vec::new();
+    let mut out_start = 0;
+    for i in 0..6 {
+        let svc = Service::start(dir.path(), &format!("crash{i}"), &e);
+        svc.wait_ready(READY);
+        let ms = rng.gen_range(200..2_500);
+        std::thread::sleep(Duration::from_millis(ms));
+        let mut svc = svc;
+        svc.signal("KILL");
+        assert_eq!(
+            svc.wait_exit(Duration::from_secs(10)),
+            None,
+            "killed by the signal"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        let committed_after = committed(&b.bootstrap, "crashy", 3);
+        let out_end = output_end(&b.bootstrap);
+        eprintln!("run {i}: killed after {ms} ms; committed {committed_after:?}; output {out_start}..{out_end}");
+        runs.push((out_start..out_end, committed_after));
+        out_start = out_end;
+    }
+    let mut last = Service::start(dir.path(), "final", &e);
+    wait_committed(&b.bootstrap, "crashy", &ends, DONE);
+    last.signal("TERM");
+    assert_eq!(last.wait_exit(DONE), Some(0), "{}", last.stderr());
+
+    let packets = packets_with_offsets(&b.bootstrap);
+    let plain: Vec<Packet> = packets.iter().map(|(_, p)| p.clone()).collect();
+    let covered = verify_packets(&plain, &input, &default_slices(), 100);
+    assert_eq!(
+        covered.len(),
+        inputs.len(),
+        "nothing lost: every input offset is in a delivered packet"
+    );
+
+    // Exactly one coverage of each offset is a committed one. The others come
+    // from killed runs and lie at or past the last commit before that kill.
+    let mut committed_cover: HashMap<(i32, i64), usize> = HashMap::new();
+    let mut replays = 0;
+    for (out_offset, p) in &packets {
+        let killed = runs.iter().find(|(range, _)| range.contains(out_offset));
+        for s in &p.sources {
+            for o in s.first_offset..=s.last_offset {
+                match killed {
+                    Some((_, after)) if o >= after[s.partition as usize] => replays += 1,
+                    _ => *committed_cover.entry((s.partition, o)).or_default() += 1,
+                }
+            }
+        }
+    }
+    for (coord, n) in &committed_cover {
+        assert_eq!(*n, 1, "{coord:?} is covered by {n} committed packets");
+    }
+    assert_eq!(committed_cover.len(), inputs.len());
+    eprintln!(
+        "kill -9 x{}: {} packets, {replays} replayed event coverages",
+        runs.len(),
+        packets.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_run_flushes_commits_exits_zero_and_a_restart_reprocesses_nothing() {
+    let b = broker_with_topics(3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (inputs, malformed) = generated_input(44, 10_000, 30_000, 3);
+    let input = produce_input(&b.bootstrap, &inputs, &malformed);
+    let ends = end_offsets(&input, 3);
+    // Only shutdown can close a batch in this run: no count, span or wait is reachable.
+    let e = env(
+        &b,
+        "term",
+        &[
+            ("BATCH__MAX_EVENTS", "1000000"),
+            ("BATCH__MAX_SPAN", "100d"),
+            ("BATCH__MAX_WAIT", "1h"),
+        ],
+    );
+    let mut first = Service::start(dir.path(), "first", &e);
+    first.wait_ready(READY);
+    std::thread::sleep(Duration::from_millis(1000));
+    first.signal("TERM");
+    assert_eq!(first.wait_exit(DONE), Some(0), "{}", first.stderr());
+    let stderr = first.stderr();
+    assert!(
+        stderr.contains("\"message\":\"stopped\""),
+        "a run summary is logged: {stderr}"
+    );
+    let one = first.logged_packets();
+    assert_eq!(one.len(), 1, "one packet, closed at shutdown");
+    assert_eq!(one[0].window.closed_by, "shutdown");
+    let mut after_first = vec![0i64; 3];
+    for s in &one[0].sources {
+        after_first[s.partition as usize] = s.last_offset + 1;
+    }
+    assert_eq!(
+        committed(&b.bootstrap, "term", 3),
+        after_first,
+        "offsets committed at shutdown"
+    );
+
+    let mut second = Service::start(dir.path(), "second", &env(&b, "term", &[]));
+    wait_committed(&b.bootstrap, "term", &ends, DONE);
+    second.signal("TERM");
+    assert_eq!(second.wait_exit(DONE), Some(0));
+    for p in second.logged_packets() {
+        for s in &p.sources {
+            assert!(
+                s.first_offset >= after_first[s.partition as usize],
+                "the restart reprocessed {s:?} (committed {after_first:?})"
+            );
+        }
+    }
+    let plain: Vec<Packet> = packets_with_offsets(&b.bootstrap)
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect();
+    let covered = verify_packets(&plain, &input, &default_slices(), 100);
+    assert_eq!(covered.len(), inputs.len());
+    assert!(covered.values().all(|&n| n == 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_in_one_group_share_the_partitions() {
+    let b = broker_with_topics(3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let e = env(
+        &b,
+        "pair",
+        &[("BATCH__MAX_EVENTS", "1000"), ("BATCH__MAX_WAIT", "1s")],
+    );
+    let mut a = Service::start(dir.path(), "a", &e);
+    a.wait_ready(READY);
+    let mut c = Service::start(dir.path(), "c", &e);
+    c.wait_ready(READY);
+    // Both members hold partitions now; the rebalance that let the second in is over.
+    a.wait_ready(READY);
+
+    let (inputs, malformed) = generated_input(55, 10_000, 30_000, 3);
+    let input = produce_input(&b.bootstrap, &inputs, &malformed);
+    let ends = end_offsets(&input, 3);
+    wait_committed(&b.bootstrap, "pair", &ends, DONE);
+    a.signal("TERM");
+    c.signal("TERM");
+    assert_eq!(a.wait_exit(DONE), Some(0), "{}", a.stderr());
+    assert_eq!(c.wait_exit(DONE), Some(0), "{}", c.stderr());
+
+    let (pa, pc) = (a.logged_packets(), c.logged_packets());
+    let parts = |ps: &[Packet]| {
+        let mut v: Vec<i32> = ps
+            .iter()
+            .flat_map(|p| p.sources.iter().map(|s| s.partition))
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    let (parts_a, parts_c) = (parts(&pa), parts(&pc));
+    assert!(
+        !parts_a.is_empty() && !parts_c.is_empty(),
+        "both instances worked: {parts_a:?} {parts_c:?}"
+    );
+    assert!(
+        parts_a.iter().all(|p| !parts_c.contains(p)),
+        "each partition has one owner: {parts_a:?} {parts_c:?}"
+    );
+
+    let plain: Vec<Packet> = packets_with_offsets(&b.bootstrap)
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect();
+    let covered = verify_packets(&plain, &input, &default_slices(), 100);
+    assert_eq!(covered.len(), inputs.len(), "no event lost");
+    assert!(covered.values().all(|&n| n == 1), "no event counted twice");
+}
