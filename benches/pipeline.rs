@@ -1,1 +1,196 @@
-fn main() {}
+//! Throughput benches (events per second): parsing, batch analysis at four
+//! batch sizes, the in-process analysis core (parse, batch, analyze, encode),
+//! packet building, and the whole pipeline over librdkafka's mock cluster.
+//! Data comes from the generator; setup stays out of the timed part.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use login_metrics::analysis::analyze;
+use login_metrics::batch::{Batch, Batcher, CloseReason, Columns, Coord, Limits};
+use login_metrics::event::{parse, Field, Requirements};
+use login_metrics::generator::{Generator, GeneratorConfig};
+use login_metrics::packet;
+use login_metrics::privacy::Pseudonymizer;
+use login_metrics::settings::Settings;
+use login_metrics::Pipeline;
+
+fn payloads(n: usize, seed: u64) -> Vec<Vec<u8>> {
+    Generator::new(GeneratorConfig::new(seed))
+        .take(n)
+        .map(|m| m.payload)
+        .collect()
+}
+
+fn defaults() -> Settings {
+    Settings::load_with_env(None, Vec::<(String, String)>::new()).unwrap()
+}
+
+fn requirements() -> Requirements {
+    Requirements {
+        fields: vec![Field::UserId],
+        timestamp: true,
+    }
+}
+
+/// The valid events of `payloads` as one closed batch.
+fn batch_of(payloads: &[Vec<u8>]) -> Batch {
+    let req = requirements();
+    let mut b = Batcher::new(Limits {
+        max_events: usize::MAX,
+        max_span: Duration::from_secs(u64::MAX / 4),
+        max_wait: Duration::from_secs(3600),
+    });
+    let now = Instant::now();
+    let mut closed = Vec::new();
+    for (i, p) in payloads.iter().enumerate() {
+        let at = Coord {
+            topic: "user-login",
+            partition: 0,
+            offset: i as i64,
+        };
+        match parse(p, &req) {
+            Ok(ev) => b.push_event(at, &ev, now, &mut closed),
+            Err(e) => b.push_invalid(at, None, p, e, now, &mut closed),
+        }
+    }
+    b.close(CloseReason::Shutdown).unwrap()
+}
+
+fn bench_parse(c: &mut Criterion) {
+    let data = payloads(100_000, 1);
+    let req = requirements();
+    let mut g = c.benchmark_group("parse");
+    g.throughput(Throughput::Elements(data.len() as u64));
+    g.bench_function("100k events", |b| {
+        b.iter(|| {
+            for p in &data {
+                let _ = black_box(parse(black_box(p), &req));
+            }
+        })
+    });
+    g.finish();
+}
+
+fn bench_analysis(c: &mut Criterion) {
+    let slices = defaults().analysis.slices;
+    let mut g = c.benchmark_group("analysis");
+    g.sample_size(10);
+    for n in [1_000usize, 10_000, 100_000, 1_000_000] {
+        let columns: Columns = batch_of(&payloads(n, 2)).columns;
+        g.throughput(Throughput::Elements(n as u64));
+        g.bench_with_input(BenchmarkId::from_parameter(n), &columns, |b, cols| {
+            b.iter(|| analyze(black_box(cols), &slices, 100).unwrap())
+        });
+    }
+    g.finish();
+}
+
+fn bench_core(c: &mut Criterion) {
+    // What one 100k-event batch costs in-process: parse into the batcher,
+    // analyze with Polars, build and encode the packet.
+    let data = payloads(100_000, 3);
+    let slices = defaults().analysis.slices;
+    let privacy = Pseudonymizer::disabled();
+    let mut g = c.benchmark_group("core");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(data.len() as u64));
+    g.bench_function("parse+batch+analyze+encode 100k", |b| {
+        b.iter(|| {
+            let batch = batch_of(&data);
+            let reports = analyze(&batch.columns, &slices, 100).unwrap();
+            let json = packet::build(&batch, &reports, &privacy, Utc::now()).to_json();
+            black_box(json.len())
+        })
+    });
+    g.finish();
+}
+
+fn bench_packet(c: &mut Criterion) {
+    let batch = batch_of(&payloads(10_000, 4));
+    let slices = defaults().analysis.slices;
+    let reports = analyze(&batch.columns, &slices, 100).unwrap();
+    let plain = Pseudonymizer::disabled();
+    let keyed = Pseudonymizer::new(b"bench-key", &[Field::Ip, Field::DeviceId]);
+    let mut g = c.benchmark_group("packet");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("build+encode", |b| {
+        b.iter(|| packet::build(&batch, &reports, &plain, Utc::now()).to_json())
+    });
+    g.bench_function("build+encode pseudonymized", |b| {
+        b.iter(|| packet::build(&batch, &reports, &keyed, Utc::now()).to_json())
+    });
+    g.finish();
+}
+
+fn bench_pipeline(c: &mut Criterion) {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::mocking::MockCluster;
+    use std::sync::atomic::Ordering;
+    use tokio_util::sync::CancellationToken;
+
+    const EVENTS: u64 = 200_000;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut g = c.benchmark_group("pipeline");
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(30));
+    g.throughput(Throughput::Elements(EVENTS));
+    g.bench_function(
+        "mock cluster 200k events, preloaded topic to last commit",
+        |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let cluster = MockCluster::new(1).unwrap();
+                    cluster.create_topic("user-login", 3, 1).unwrap();
+                    cluster.create_topic("login-metrics", 1, 1).unwrap();
+                    cluster.create_topic("user-login-dlq", 1, 1).unwrap();
+                    let mut s = defaults();
+                    s.kafka.bootstrap_servers = cluster.bootstrap_servers();
+                    s.metrics_log.path = None;
+                    s.telemetry.listen = None;
+                    let mut producer_cfg = ClientConfig::new();
+                    producer_cfg.set("bootstrap.servers", &s.kafka.bootstrap_servers);
+                    let mut generator = Generator::new(GeneratorConfig::new(5));
+                    login_metrics::demo::produce_generated(
+                        &producer_cfg,
+                        "user-login",
+                        &mut generator,
+                        Some(EVENTS),
+                        0,
+                        &CancellationToken::new(),
+                    )
+                    .unwrap();
+
+                    let started = Instant::now();
+                    rt.block_on(async {
+                        let pipeline = Pipeline::new(s);
+                        let progress = pipeline.progress();
+                        let shutdown = CancellationToken::new();
+                        let run = tokio::spawn(pipeline.run(shutdown.clone()));
+                        while progress.messages.load(Ordering::Relaxed) < EVENTS {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        shutdown.cancel();
+                        run.await.unwrap().unwrap();
+                    });
+                    total += started.elapsed();
+                }
+                total
+            })
+        },
+    );
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_parse,
+    bench_analysis,
+    bench_core,
+    bench_packet,
+    bench_pipeline
+);
+criterion_main!(benches);

@@ -143,6 +143,32 @@ pub fn produce_generated(
     Ok(produced)
 }
 
+/// Creates `topic` with `partitions` partitions unless it exists.
+pub async fn ensure_topic(bootstrap: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::types::RDKafkaErrorCode;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .context("cannot create the admin client")?;
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+        )
+        .await
+        .with_context(|| format!("cannot create {topic}"))?;
+    for r in results {
+        match r {
+            Ok(_) => info!(topic, partitions, "topic created"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, e)) => return Err(anyhow!("cannot create {t}: {e}")),
+        }
+    }
+    Ok(())
+}
+
 /// The largest duplicate groups seen in any one batch, per slice.
 #[derive(Debug, Default)]
 struct TopRows {

@@ -51,6 +51,9 @@ enum Command {
         /// Events to produce; without it, until interrupted.
         #[arg(long)]
         count: Option<u64>,
+        /// Create the input topic with this many partitions if it does not exist.
+        #[arg(long)]
+        partitions: Option<i32>,
         #[arg(long, default_value_t = 42)]
         seed: u64,
         #[arg(long, short)]
@@ -204,6 +207,7 @@ async fn main() -> ExitCode {
         Command::Generate {
             rate,
             count,
+            partitions,
             seed,
             config,
         } => {
@@ -218,6 +222,14 @@ async fn main() -> ExitCode {
             cfg.start_ms = chrono::Utc::now().timestamp_millis();
             if rate > 0 {
                 cfg.events_per_sec = rate as f64;
+            }
+            if let Some(n) = partitions {
+                if let Err(e) =
+                    demo::ensure_topic(&s.kafka.bootstrap_servers, &s.kafka.input_topic, n).await
+                {
+                    eprintln!("login-metrics generate: {e:#}");
+                    return ExitCode::FAILURE;
+                }
             }
             let producer = login_metrics::sink::producer_config(&s.kafka);
             let topic = s.kafka.input_topic.clone();

@@ -306,6 +306,7 @@ impl Driver {
                         self.progress
                             .committed_messages
                             .fetch_add(messages, Ordering::Relaxed);
+                        metrics::counter!(telemetry::COMMITTED).increment(messages);
                     }
                 }
                 Ack::Failed(reason) => self.failure = Some(reason),

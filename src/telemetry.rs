@@ -34,6 +34,7 @@ pub const DELIVERY_SECONDS: &str = "login_metrics_delivery_seconds";
 pub const DELIVERY_FAILURES: &str = "login_metrics_delivery_failures_total";
 pub const COMMITS: &str = "login_metrics_offset_commits_total";
 pub const COMMIT_FAILURES: &str = "login_metrics_offset_commit_failures_total";
+pub const COMMITTED: &str = "login_metrics_messages_committed_total";
 pub const CONSUMER_LAG: &str = "login_metrics_consumer_lag";
 pub const UPTIME: &str = "login_metrics_uptime_seconds";
 pub const BUILD_INFO: &str = "login_metrics_build_info";
@@ -117,6 +118,10 @@ fn describe() {
     );
     describe_counter!(COMMITS, "Successful offset commits.");
     describe_counter!(COMMIT_FAILURES, "Failed offset commit attempts.");
+    describe_counter!(
+        COMMITTED,
+        "Input messages whose batch is delivered and whose offsets are committed."
+    );
     describe_gauge!(
         CONSUMER_LAG,
         "Messages behind the partition's high watermark (librdkafka statistics)."
