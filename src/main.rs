@@ -109,15 +109,18 @@ fn handle_signals(token: CancellationToken) {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Config { config } => match load(config.as_ref()) {
-            Ok(s) => {
-                print!("{}", s.redacted_toml());
-                ExitCode::SUCCESS
-            }
-            Err(code) => code,
-        },
+    match dispatch(Cli::parse()).await {
+        Ok(code) | Err(code) => code,
+    }
+}
+
+/// Runs one command; `Err` carries the exit code of a configuration error.
+async fn dispatch(cli: Cli) -> Result<ExitCode, ExitCode> {
+    Ok(match cli.command {
+        Command::Config { config } => {
+            print!("{}", load(config.as_ref())?.redacted_toml());
+            ExitCode::SUCCESS
+        }
         Command::Health { url } => match telemetry::check_health(&url) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -126,13 +129,10 @@ async fn main() -> ExitCode {
             }
         },
         Command::Pseudonym { values, config } => {
-            let s = match load(config.as_ref()) {
-                Ok(s) => s,
-                Err(code) => return code,
-            };
+            let s = load(config.as_ref())?;
             if s.privacy.key.is_empty() {
                 eprintln!("login-metrics: privacy.key: no key is configured (privacy.key or privacy.key_file)");
-                return ExitCode::from(2);
+                return Ok(ExitCode::from(2));
             }
             let p = Pseudonymizer::new(&s.privacy.key, &[]);
             for v in values {
@@ -141,10 +141,7 @@ async fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run { config } => {
-            let s = match load(config.as_ref()) {
-                Ok(s) => s,
-                Err(code) => return code,
-            };
+            let s = load(config.as_ref())?;
             telemetry::init_logging(&s.log);
             info!(version = env!("CARGO_PKG_VERSION"), config = %s.redacted_summary(), "starting");
             let shutdown = CancellationToken::new();
@@ -153,7 +150,7 @@ async fn main() -> ExitCode {
             if let Some(addr) = s.telemetry.listen {
                 if let Err(e) = telemetry::serve(addr, pipeline.health(), shutdown.clone()).await {
                     error!(error = %e, "telemetry.listen: cannot listen on {addr}");
-                    return ExitCode::from(2);
+                    return Ok(ExitCode::from(2));
                 }
             }
             match pipeline.run(shutdown).await {
@@ -181,10 +178,7 @@ async fn main() -> ExitCode {
             seed,
             config,
         } => {
-            let s = match load(config.as_ref()) {
-                Ok(s) => s,
-                Err(code) => return code,
-            };
+            let s = load(config.as_ref())?;
             // The demo's own report is the output; keep the logs to warnings unless asked.
             let mut log = s.log.clone();
             if std::env::var_os("RUST_LOG").is_none() && log.level == "info" {
@@ -211,10 +205,7 @@ async fn main() -> ExitCode {
             seed,
             config,
         } => {
-            let s = match load(config.as_ref()) {
-                Ok(s) => s,
-                Err(code) => return code,
-            };
+            let s = load(config.as_ref())?;
             telemetry::init_logging(&s.log);
             let stop = CancellationToken::new();
             handle_signals(stop.clone());
@@ -228,7 +219,7 @@ async fn main() -> ExitCode {
                     demo::ensure_topic(&s.kafka.bootstrap_servers, &s.kafka.input_topic, n).await
                 {
                     eprintln!("login-metrics generate: {e:#}");
-                    return ExitCode::FAILURE;
+                    return Ok(ExitCode::FAILURE);
                 }
             }
             let producer = login_metrics::sink::producer_config(&s.kafka);
@@ -254,5 +245,5 @@ async fn main() -> ExitCode {
                 }
             }
         }
-    }
+    })
 }
