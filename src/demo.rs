@@ -217,13 +217,22 @@ impl std::fmt::Display for DemoReport {
         writeln!(f)?;
         writeln!(f, "login-metrics demo (in-process mock Kafka cluster)")?;
         writeln!(f, "  events produced   {}", self.produced)?;
-        writeln!(
+        write!(
             f,
             "  events processed  {} in {:.2}s = {:.0} events/s",
             s.messages,
             s.duration.as_secs_f64(),
             s.events_per_second()
         )?;
+        match (s.since_assignment, s.events_per_second_assigned()) {
+            (Some(d), Some(rate)) => writeln!(
+                f,
+                " ({:.2}s after the consumer group join = {:.0} events/s)",
+                d.as_secs_f64(),
+                rate
+            )?,
+            _ => writeln!(f)?,
+        }
         writeln!(f, "  valid             {}", s.valid)?;
         let why: Vec<String> = s
             .invalid_by_kind
@@ -284,6 +293,8 @@ pub async fn run_demo(
     info!(brokers = %settings.kafka.bootstrap_servers, "mock cluster started");
 
     let mut cfg = GeneratorConfig::new(seed);
+    // A busy service: 5,000 logins a second of event time.
+    cfg.events_per_sec = 5_000.0;
     cfg.start_ms = chrono::Utc::now().timestamp_millis()
         - (events as f64 / cfg.events_per_sec * 1000.0) as i64;
     let mut generator = Generator::new(cfg);

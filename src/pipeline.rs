@@ -47,6 +47,8 @@ pub struct Progress {
     pub committed_messages: AtomicU64,
     /// Total consumer lag from the latest librdkafka statistics.
     pub lag: AtomicI64,
+    /// When partitions were first assigned (the group join is over).
+    pub first_assigned: std::sync::OnceLock<Instant>,
 }
 
 impl Progress {
@@ -79,11 +81,20 @@ pub struct RunSummary {
     pub packets: u64,
     pub packet_bytes: u64,
     pub duration: Duration,
+    /// Time from the first partition assignment to the end of the run.
+    pub since_assignment: Option<Duration>,
 }
 
 impl RunSummary {
+    /// Events per second of the whole run, group join included.
     pub fn events_per_second(&self) -> f64 {
         self.messages as f64 / self.duration.as_secs_f64().max(1e-9)
+    }
+
+    /// Events per second once partitions were assigned.
+    pub fn events_per_second_assigned(&self) -> Option<f64> {
+        self.since_assignment
+            .map(|d| self.messages as f64 / d.as_secs_f64().max(1e-9))
     }
 }
 
@@ -230,6 +241,7 @@ impl Pipeline {
             packets: p.packets.load(Ordering::Relaxed),
             packet_bytes: p.packet_bytes.load(Ordering::Relaxed),
             duration: started.elapsed(),
+            since_assignment: p.first_assigned.get().map(Instant::elapsed),
         })
     }
 }

@@ -9,6 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -18,7 +19,7 @@ use tracing::warn;
 
 use crate::batch::InvalidMessage;
 use crate::settings::KafkaSettings;
-use crate::telemetry;
+use crate::telemetry::{self, LogLimit};
 
 /// A record to publish, owned so that it can be sent again.
 #[derive(Debug, Clone)]
@@ -81,20 +82,35 @@ pub fn producer_config(k: &KafkaSettings) -> ClientConfig {
     c
 }
 
+/// The producer's context: client errors are logged, rate-limited.
+pub struct SinkContext {
+    errors: LogLimit,
+}
+
+impl ClientContext for SinkContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if self.errors.allow() {
+            warn!(error = %error, "kafka producer: {reason} (librdkafka retries on its own)");
+        }
+    }
+}
+
 pub struct Publisher {
-    producer: FutureProducer,
+    producer: FutureProducer<SinkContext>,
     attempts: u32,
 }
 
 impl Publisher {
     pub fn new(k: &KafkaSettings) -> Result<Publisher, KafkaError> {
         Ok(Publisher {
-            producer: producer_config(k).create()?,
+            producer: producer_config(k).create_with_context(SinkContext {
+                errors: LogLimit::new("kafka producer errors", 5, Duration::from_secs(60)),
+            })?,
             attempts: k.delivery_attempts,
         })
     }
 
-    pub fn producer(&self) -> &FutureProducer {
+    pub fn producer(&self) -> &FutureProducer<SinkContext> {
         &self.producer
     }
 

@@ -29,7 +29,7 @@ use crate::commit;
 use crate::event::{self, Requirements};
 use crate::pipeline::Progress;
 use crate::settings::KafkaSettings;
-use crate::telemetry::{self, Health};
+use crate::telemetry::{self, Health, LogLimit};
 
 /// What the sink reports back for each batch, in batch order.
 #[derive(Debug)]
@@ -75,6 +75,7 @@ pub struct SourceContext {
     driver: Mutex<Option<Driver>>,
     health: Arc<Health>,
     progress: Arc<Progress>,
+    errors: LogLimit,
 }
 
 impl ClientContext for SourceContext {
@@ -103,7 +104,9 @@ impl ClientContext for SourceContext {
         ) {
             self.health.set_brokers_up(false);
         }
-        warn!(error = %error, "kafka consumer: {reason}");
+        if self.errors.allow() {
+            warn!(error = %error, "kafka consumer: {reason} (librdkafka retries on its own)");
+        }
     }
 }
 
@@ -130,6 +133,7 @@ impl ConsumerContext for SourceContext {
                     .map(|e| format!("{}/{}", e.topic(), e.partition()))
                     .collect();
                 info!(partitions = %parts.join(","), "partitions assigned");
+                self.progress.first_assigned.get_or_init(Instant::now);
                 let n = consumer
                     .assignment()
                     .map(|a| a.count())
@@ -146,39 +150,6 @@ impl ConsumerContext for SourceContext {
     }
 }
 
-/// Limits WARN lines about invalid messages to a burst per minute.
-struct WarnLimit {
-    window_start: Instant,
-    logged: u32,
-    suppressed: u64,
-}
-
-impl WarnLimit {
-    const BURST: u32 = 10;
-    const WINDOW: Duration = Duration::from_secs(60);
-
-    fn allow(&mut self, now: Instant) -> bool {
-        if now.duration_since(self.window_start) >= Self::WINDOW {
-            if self.suppressed > 0 {
-                warn!(
-                    suppressed = self.suppressed,
-                    "invalid messages not logged individually in the last minute"
-                );
-            }
-            self.window_start = now;
-            self.logged = 0;
-            self.suppressed = 0;
-        }
-        if self.logged < Self::BURST {
-            self.logged += 1;
-            true
-        } else {
-            self.suppressed += 1;
-            false
-        }
-    }
-}
-
 /// The state of the consumer thread.
 pub struct Driver {
     batcher: Batcher,
@@ -189,7 +160,7 @@ pub struct Driver {
     closed: Vec<Batch>,
     progress: Arc<Progress>,
     failure: Option<String>,
-    warn_limit: WarnLimit,
+    invalid_log: LogLimit,
 }
 
 impl Driver {
@@ -209,11 +180,7 @@ impl Driver {
             closed: Vec::new(),
             progress,
             failure: None,
-            warn_limit: WarnLimit {
-                window_start: Instant::now(),
-                logged: 0,
-                suppressed: 0,
-            },
+            invalid_log: LogLimit::new("invalid messages", 10, Duration::from_secs(60)),
         }
     }
 
@@ -236,7 +203,7 @@ impl Driver {
             Ok(ev) => self.batcher.push_event(coord, &ev, now, &mut self.closed),
             Err(err) => {
                 self.progress.count_invalid(err.kind);
-                if self.warn_limit.allow(now) {
+                if self.invalid_log.allow() {
                     warn!(
                         kind = %err.kind,
                         reason = %err.reason,
@@ -345,6 +312,7 @@ pub fn consume(
         driver: Mutex::new(Some(driver)),
         health: health.clone(),
         progress,
+        errors: LogLimit::new("kafka consumer errors", 5, Duration::from_secs(60)),
     };
     let consumer: BaseConsumer<SourceContext> = consumer_config(k)
         .create_with_context(context)
@@ -354,11 +322,6 @@ pub fn consume(
         .map_err(|e| format!("cannot subscribe to {}: {e}", k.input_topic))?;
     info!(topic = %k.input_topic, group = %k.group_id, "consuming");
 
-    let mut poll_errors = WarnLimit {
-        window_start: Instant::now(),
-        logged: 0,
-        suppressed: 0,
-    };
     while !shutdown.is_cancelled() {
         health.beat();
         let timeout = lock(&consumer)
@@ -372,7 +335,7 @@ pub fn consume(
         let now = Instant::now();
         match polled {
             Some(Ok(m)) => driver.on_message(&m, now),
-            Some(Err(e)) if poll_errors.allow(now) => {
+            Some(Err(e)) if consumer.context().errors.allow() => {
                 warn!(error = %e, "consumer error (librdkafka retries on its own)");
             }
             Some(Err(_)) | None => {}

@@ -130,6 +130,53 @@ fn describe() {
     describe_gauge!(BUILD_INFO, "Always 1; the version label names the build.");
 }
 
+/// Lets a burst of log lines through per window and counts the rest, so a
+/// broker outage or a flood of bad input is reported without flooding the log.
+#[derive(Debug)]
+pub struct LogLimit {
+    what: &'static str,
+    burst: u32,
+    window: Duration,
+    state: std::sync::Mutex<(Instant, u32, u64)>,
+}
+
+impl LogLimit {
+    pub fn new(what: &'static str, burst: u32, window: Duration) -> LogLimit {
+        LogLimit {
+            what,
+            burst,
+            window,
+            state: std::sync::Mutex::new((Instant::now(), 0, 0)),
+        }
+    }
+
+    /// Whether the next line may be logged; at the turn of a window, logs how many were not.
+    pub fn allow(&self) -> bool {
+        let mut st = self.state.lock().expect("log limit lock");
+        let (start, logged, suppressed) = &mut *st;
+        if start.elapsed() >= self.window {
+            if *suppressed > 0 {
+                tracing::warn!(
+                    suppressed = *suppressed,
+                    "{} not logged individually in the last {}",
+                    self.what,
+                    humantime::format_duration(self.window)
+                );
+            }
+            *start = Instant::now();
+            *logged = 0;
+            *suppressed = 0;
+        }
+        if *logged < self.burst {
+            *logged += 1;
+            true
+        } else {
+            *suppressed += 1;
+            false
+        }
+    }
+}
+
 /// Liveness and readiness, updated by the pipeline.
 #[derive(Debug)]
 pub struct Health {
