@@ -74,6 +74,17 @@ fn bench_parse(c: &mut Criterion) {
     g.finish();
 }
 
+fn bench_batch(c: &mut Criterion) {
+    let data = payloads(100_000, 1);
+    let mut g = c.benchmark_group("batch");
+    g.sample_size(20);
+    g.throughput(Throughput::Elements(data.len() as u64));
+    g.bench_function("parse+push 100k", |b| {
+        b.iter(|| black_box(batch_of(&data).valid()))
+    });
+    g.finish();
+}
+
 fn bench_analysis(c: &mut Criterion) {
     let slices = defaults().analysis.slices;
     let mut g = c.benchmark_group("analysis");
@@ -89,20 +100,36 @@ fn bench_analysis(c: &mut Criterion) {
 }
 
 fn bench_core(c: &mut Criterion) {
-    // What one 100k-event batch costs in-process: parse into the batcher,
-    // analyze with Polars, build and encode the packet.
-    let data = payloads(100_000, 3);
+    // The in-process analysis core at 100k-event batches: parse into the
+    // batcher, analyze with Polars, build and encode the packet.
+    let data = payloads(500_000, 3);
     let slices = defaults().analysis.slices;
     let privacy = Pseudonymizer::disabled();
+    let analyze_and_encode = |batch: &Batch| {
+        let reports = analyze(&batch.columns, &slices, 100).unwrap();
+        packet::build(batch, &reports, &privacy, Utc::now()).to_json().len()
+    };
     let mut g = c.benchmark_group("core");
     g.sample_size(10);
+    g.throughput(Throughput::Elements(100_000));
+    g.bench_function("sequential 100k", |b| {
+        b.iter(|| analyze_and_encode(&batch_of(&data[..100_000])))
+    });
+    // As the service runs it: one thread parses and batches while another
+    // analyzes the previous batch (a channel of one batch between them).
     g.throughput(Throughput::Elements(data.len() as u64));
-    g.bench_function("parse+batch+analyze+encode 100k", |b| {
+    g.bench_function("pipelined 5 x 100k", |b| {
         b.iter(|| {
-            let batch = batch_of(&data);
-            let reports = analyze(&batch.columns, &slices, 100).unwrap();
-            let json = packet::build(&batch, &reports, &privacy, Utc::now()).to_json();
-            black_box(json.len())
+            std::thread::scope(|scope| {
+                let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(1);
+                scope.spawn(|| {
+                    for chunk in data.chunks(100_000) {
+                        tx.send(batch_of(chunk)).unwrap();
+                    }
+                    drop(tx);
+                });
+                rx.iter().map(|batch| analyze_and_encode(&batch)).sum::<usize>()
+            })
         })
     });
     g.finish();
@@ -188,6 +215,7 @@ fn bench_pipeline(c: &mut Criterion) {
 criterion_group!(
     benches,
     bench_parse,
+    bench_batch,
     bench_analysis,
     bench_core,
     bench_packet,

@@ -10,11 +10,81 @@
 
 use polars::prelude::*;
 
-use crate::batch::Columns;
+use std::hash::BuildHasher;
+
+use hashbrown::HashTable;
+
+use crate::batch::{Columns, StrColumn};
 use crate::event::Field;
 
 /// Name of the count column; no event field has this name.
 const COUNT: &str = "count";
+
+/// The code of a null value in an [`Encoded`] column.
+const NULL_CODE: u32 = u32::MAX;
+
+/// A string column, dictionary-encoded for grouping: each row's value as a
+/// code into the distinct values, which borrow from the batch.
+struct Encoded<'a> {
+    codes: Vec<u32>,
+    values: Vec<&'a str>,
+}
+
+impl<'a> Encoded<'a> {
+    fn new(col: &'a StrColumn) -> Encoded<'a> {
+        let hasher = foldhash::fast::RandomState::default();
+        // Sized for every row being distinct: growing would re-hash every
+        // value through the batch buffer, which costs more than the memory.
+        let mut index: HashTable<u32> = HashTable::with_capacity(col.len());
+        let mut values: Vec<&'a str> = Vec::new();
+        let codes = col
+            .iter()
+            .map(|v| match v {
+                None => NULL_CODE,
+                Some(v) => {
+                    let hash = hasher.hash_one(v);
+                    match index.find(hash, |&c| values[c as usize] == v) {
+                        Some(&c) => c,
+                        None => {
+                            let c = values.len() as u32;
+                            values.push(v);
+                            index.insert_unique(hash, c, |&c| hasher.hash_one(values[c as usize]));
+                            c
+                        }
+                    }
+                }
+            })
+            .collect();
+        Encoded { codes, values }
+    }
+
+    fn distinct(&self) -> usize {
+        self.values.len()
+    }
+
+    fn decode(&self, code: u32) -> Option<&'a str> {
+        (code != NULL_CODE).then(|| self.values[code as usize])
+    }
+}
+
+/// Encodes the columns the slices use, one thread per column: the encoding
+/// hashes every value once, which is most of the per-event cost of analysis.
+fn encode_all<'a>(columns: &'a Columns, slices: &[Vec<Field>]) -> Vec<Option<Encoded<'a>>> {
+    let mut used = [false; crate::event::FIELD_COUNT];
+    for f in slices.iter().flatten() {
+        used[f.index()] = true;
+    }
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = Field::ALL
+            .iter()
+            .map(|f| used[f.index()].then(|| scope.spawn(|| Encoded::new(columns.column(*f)))))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.map(|h| h.join().expect("encoding does not panic")))
+            .collect()
+    })
+}
 
 /// One group that occurs at least twice.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,67 +113,155 @@ impl SliceReport {
     }
 }
 
-/// Loads the columns the slices use into a DataFrame.
-pub fn to_frame(columns: &Columns, slices: &[Vec<Field>]) -> PolarsResult<DataFrame> {
-    let mut used: Vec<Field> = slices.iter().flatten().copied().collect();
-    used.sort();
-    used.dedup();
-    let cols = used
-        .into_iter()
-        .map(|field| {
-            let src = columns.column(field);
-            let mut builder = StringChunkedBuilder::new(field.name().into(), src.len());
-            for v in src.iter() {
-                match v {
-                    Some(s) => builder.append_value(s),
-                    None => builder.append_null(),
-                }
-            }
-            builder.finish().into_series().into_column()
-        })
-        .collect();
-    DataFrame::new(columns.len(), cols)
-}
-
 /// Counts duplicates of every slice over one batch.
 pub fn analyze(
     columns: &Columns,
     slices: &[Vec<Field>],
     top: usize,
 ) -> PolarsResult<Vec<SliceReport>> {
-    let df = to_frame(columns, slices)?;
+    analyze_with_key_limit(columns, slices, top, u64::MAX)
+}
+
+/// [`analyze`] with packed keys limited to `max_key`; 0 forces one code
+/// column per field. For tests that cover both grouping paths.
+#[doc(hidden)]
+pub fn analyze_with_key_limit(
+    columns: &Columns,
+    slices: &[Vec<Field>],
+    top: usize,
+    max_key: u64,
+) -> PolarsResult<Vec<SliceReport>> {
+    let encoded = encode_all(columns, slices);
     slices
         .iter()
-        .map(|slice| analyze_slice(&df, slice, top))
+        .map(|slice| {
+            let cols: Vec<&Encoded> = slice
+                .iter()
+                .map(|f| {
+                    encoded[f.index()]
+                        .as_ref()
+                        .expect("used fields are encoded")
+                })
+                .collect();
+            analyze_slice(&cols, columns.len(), slice, top, max_key)
+        })
         .collect()
 }
 
-fn analyze_slice(df: &DataFrame, slice: &[Field], top: usize) -> PolarsResult<SliceReport> {
-    let keys: Vec<Expr> = slice.iter().map(|f| col(f.name())).collect();
-    let grouped = df
-        .clone()
-        .lazy()
-        .group_by(keys.clone())
-        .agg([len().alias(COUNT)])
-        .collect()?;
-    let groups = grouped.height() as u64;
+/// How the rows of a slice are keyed for grouping.
+enum Keys {
+    /// One exact u64 per row: the fields' codes as digits of a mixed-radix
+    /// number (radix = distinct values + 1, the last digit value for null).
+    Packed(Vec<u64>),
+    /// One nullable u32 code column per field, when the packed key would not
+    /// fit in 64 bits.
+    PerField,
+}
 
-    let mut order = vec![col(COUNT)];
-    order.extend(keys);
+fn keys(cols: &[&Encoded], n: usize, max_key: u64) -> Keys {
+    let radices: Vec<u64> = cols.iter().map(|c| c.distinct() as u64 + 1).collect();
+    let span = radices.iter().try_fold(1u64, |acc, r| acc.checked_mul(*r));
+    if span.is_none_or(|s| s - 1 > max_key) {
+        return Keys::PerField;
+    }
+    let mut keys = vec![0u64; n];
+    for (col, &radix) in cols.iter().zip(&radices) {
+        let null_digit = radix - 1;
+        for (k, &code) in keys.iter_mut().zip(&col.codes) {
+            let digit = if code == NULL_CODE {
+                null_digit
+            } else {
+                code as u64
+            };
+            *k = *k * radix + digit;
+        }
+    }
+    Keys::Packed(keys)
+}
+
+/// Groups and counts by code in Polars, keeps the duplicate groups, decodes
+/// only those to strings, and has Polars order them by count, then values.
+/// `max_key` bounds the packed key (tests lower it to exercise the fallback).
+fn analyze_slice(
+    cols: &[&Encoded],
+    n: usize,
+    slice: &[Field],
+    top: usize,
+    max_key: u64,
+) -> PolarsResult<SliceReport> {
+    let (grouped, key_names) = match keys(cols, n, max_key) {
+        Keys::Packed(keys) => {
+            let df = DataFrame::new(n, vec![Column::new("key".into(), keys)])?;
+            let g = df.lazy().group_by([col("key")]).agg([len().alias(COUNT)]);
+            (g, vec!["key".to_string()])
+        }
+        Keys::PerField => {
+            let names: Vec<String> = (0..cols.len()).map(|i| format!("code{i}")).collect();
+            let code_cols = cols
+                .iter()
+                .zip(&names)
+                .map(|(c, name)| {
+                    let codes = c.codes.iter().map(|&x| (x != NULL_CODE).then_some(x));
+                    UInt32Chunked::from_iter_options(name.as_str().into(), codes).into_column()
+                })
+                .collect();
+            let df = DataFrame::new(n, code_cols)?;
+            let by: Vec<Expr> = names.iter().map(|k| col(k.as_str())).collect();
+            (df.lazy().group_by(by).agg([len().alias(COUNT)]), names)
+        }
+    };
+    let grouped = grouped.collect()?;
+    let groups = grouped.height() as u64;
+    let dups = grouped.lazy().filter(col(COUNT).gt_eq(lit(2))).collect()?;
+    let duplicate_groups = dups.height() as u64;
+
+    // Decode the duplicate groups' keys into their field values.
+    let mut values: Vec<Vec<Option<&str>>> = vec![Vec::with_capacity(dups.height()); cols.len()];
+    if key_names.len() == 1 && key_names[0] == "key" {
+        let radices: Vec<u64> = cols.iter().map(|c| c.distinct() as u64 + 1).collect();
+        for key in dups.column("key")?.u64()?.into_no_null_iter() {
+            let mut rest = key;
+            for (i, (col, &radix)) in cols.iter().zip(&radices).enumerate().rev() {
+                let digit = rest % radix;
+                rest /= radix;
+                let code = if digit == radix - 1 {
+                    NULL_CODE
+                } else {
+                    digit as u32
+                };
+                values[i].push(col.decode(code));
+            }
+        }
+    } else {
+        for (i, (col, name)) in cols.iter().zip(&key_names).enumerate() {
+            for code in dups.column(name)?.u32()?.iter() {
+                values[i].push(col.decode(code.unwrap_or(NULL_CODE)));
+            }
+        }
+    }
+    let mut frame: Vec<Column> = slice
+        .iter()
+        .zip(&values)
+        .map(|(f, v)| {
+            StringChunked::from_iter_options(f.name().into(), v.iter().copied()).into_column()
+        })
+        .collect();
+    frame.push(dups.column(COUNT)?.clone());
+    let order: Vec<Expr> = std::iter::once(col(COUNT))
+        .chain(slice.iter().map(|f| col(f.name())))
+        .collect();
     let mut descending = vec![true];
     descending.extend(std::iter::repeat_n(false, slice.len()));
-    let dups = grouped
+    let shown = DataFrame::new(dups.height(), frame)?
         .lazy()
-        .filter(col(COUNT).gt_eq(lit(2)))
         .sort_by_exprs(
             order,
             SortMultipleOptions::default()
                 .with_order_descending_multi(descending)
                 .with_nulls_last(true),
         )
+        .limit(top as IdxSize)
         .collect()?;
-    let duplicate_groups = dups.height() as u64;
-    let shown = dups.head(Some(top));
 
     let counts = shown.column(COUNT)?.cast(&DataType::UInt64)?;
     let counts = counts.u64()?;
@@ -192,6 +350,31 @@ mod tests {
             "nulls group together and sort last among equal counts"
         );
         assert!(!ip.truncated());
+    }
+
+    #[test]
+    fn per_field_codes_give_the_same_report_as_packed_keys() {
+        let events = vec![
+            ev(Some("b"), Some("1")),
+            ev(Some("a"), None),
+            ev(Some("b"), Some("1")),
+            ev(Some("a"), None),
+            ev(None, None),
+            ev(None, None),
+            ev(Some("c"), Some("2")),
+        ];
+        let cols = Columns::from_events(&events);
+        let slice = [Field::UserId, Field::Ip];
+        let slices = [slice.to_vec()];
+        let packed = analyze_with_key_limit(&cols, &slices, 10, u64::MAX)
+            .unwrap()
+            .remove(0);
+        let per_field = analyze_with_key_limit(&cols, &slices, 10, 0)
+            .unwrap()
+            .remove(0);
+        assert_eq!(packed, per_field);
+        assert_eq!((packed.groups, packed.duplicate_groups), (4, 3));
+        assert_eq!(packed.duplicates[2].values, vec![None, None]);
     }
 
     #[test]

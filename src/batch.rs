@@ -15,7 +15,6 @@
 //! The batcher is synchronous and takes the current `Instant` as an argument,
 //! so tests drive time by hand.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -199,7 +198,8 @@ struct Open {
     columns: Columns,
     ts_min_ms: Option<i64>,
     ts_max_ms: Option<i64>,
-    sources: BTreeMap<(Arc<str>, i32), (i64, i64)>,
+    /// One entry per partition read; few, so a linear search beats a map.
+    sources: Vec<SourceRange>,
     invalid: Vec<InvalidMessage>,
     opened_at: Instant,
 }
@@ -256,14 +256,14 @@ impl Batcher {
                 closed.extend(self.close(CloseReason::Span));
             }
         }
-        let topic = self.intern(coord.topic);
-        let open = self.open_at(now);
+        self.open_at(now);
+        self.track(coord);
+        let open = self.open.as_mut().expect("opened above");
         open.columns.push(event);
         if let Some(ts) = event.timestamp_ms {
             open.ts_min_ms = Some(open.ts_min_ms.map_or(ts, |m| m.min(ts)));
             open.ts_max_ms = Some(open.ts_max_ms.map_or(ts, |m| m.max(ts)));
         }
-        track(&mut open.sources, topic, coord);
         if open.columns.len() >= self.limits.max_events {
             closed.extend(self.close(CloseReason::Count));
         }
@@ -280,9 +280,10 @@ impl Batcher {
         closed: &mut Vec<Batch>,
     ) {
         closed.extend(self.poll_expired(now));
-        let topic = self.intern(coord.topic);
-        let open = self.open_at(now);
-        track(&mut open.sources, topic.clone(), coord);
+        self.open_at(now);
+        let i = self.track(coord);
+        let open = self.open.as_mut().expect("opened above");
+        let topic = open.sources[i].topic.clone();
         open.invalid.push(InvalidMessage {
             topic,
             partition: coord.partition,
@@ -304,24 +305,17 @@ impl Batcher {
 
     /// Closes the open batch, if any, for the given reason.
     pub fn close(&mut self, reason: CloseReason) -> Option<Batch> {
-        let open = self.open.take()?;
+        let mut open = self.open.take()?;
         let seq = self.next_seq;
         self.next_seq += 1;
+        open.sources
+            .sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
         Some(Batch {
             seq,
             columns: open.columns,
             ts_min_ms: open.ts_min_ms,
             ts_max_ms: open.ts_max_ms,
-            sources: open
-                .sources
-                .into_iter()
-                .map(|((topic, partition), (first, last))| SourceRange {
-                    topic,
-                    partition,
-                    first_offset: first,
-                    last_offset: last,
-                })
-                .collect(),
+            sources: open.sources,
             invalid: open.invalid,
             closed_by: reason,
             opened_at: open.opened_at,
@@ -333,30 +327,42 @@ impl Batcher {
             columns: Columns::default(),
             ts_min_ms: None,
             ts_max_ms: None,
-            sources: BTreeMap::new(),
+            sources: Vec::new(),
             invalid: Vec::new(),
             opened_at: now,
         })
     }
 
-    fn intern(&mut self, topic: &str) -> Arc<str> {
-        if let Some(t) = self.topics.iter().find(|t| ***t == *topic) {
-            return t.clone();
+    /// Extends the open batch's range for the message's partition; returns
+    /// the range's index in the open batch's sources.
+    fn track(&mut self, c: Coord<'_>) -> usize {
+        let open = self.open.as_mut().expect("a batch is open");
+        if let Some(i) = open
+            .sources
+            .iter()
+            .position(|r| r.partition == c.partition && *r.topic == *c.topic)
+        {
+            let r = &mut open.sources[i];
+            r.first_offset = r.first_offset.min(c.offset);
+            r.last_offset = r.last_offset.max(c.offset);
+            return i;
         }
-        let t: Arc<str> = Arc::from(topic);
-        self.topics.push(t.clone());
-        t
+        let topic = match self.topics.iter().find(|t| ***t == *c.topic) {
+            Some(t) => t.clone(),
+            None => {
+                let t: Arc<str> = Arc::from(c.topic);
+                self.topics.push(t.clone());
+                t
+            }
+        };
+        open.sources.push(SourceRange {
+            topic,
+            partition: c.partition,
+            first_offset: c.offset,
+            last_offset: c.offset,
+        });
+        open.sources.len() - 1
     }
-}
-
-fn track(sources: &mut BTreeMap<(Arc<str>, i32), (i64, i64)>, topic: Arc<str>, c: Coord<'_>) {
-    sources
-        .entry((topic, c.partition))
-        .and_modify(|(first, last)| {
-            *first = (*first).min(c.offset);
-            *last = (*last).max(c.offset);
-        })
-        .or_insert((c.offset, c.offset));
 }
 
 #[cfg(test)]
