@@ -107,7 +107,9 @@ fn bench_core(c: &mut Criterion) {
     let privacy = Pseudonymizer::disabled();
     let analyze_and_encode = |batch: &Batch| {
         let reports = analyze(&batch.columns, &slices, 100).unwrap();
-        packet::build(batch, &reports, &privacy, Utc::now()).to_json().len()
+        packet::build(batch, &reports, &privacy, Utc::now())
+            .to_json()
+            .len()
     };
     let mut g = c.benchmark_group("core");
     g.sample_size(10);
@@ -128,7 +130,9 @@ fn bench_core(c: &mut Criterion) {
                     }
                     drop(tx);
                 });
-                rx.iter().map(|batch| analyze_and_encode(&batch)).sum::<usize>()
+                rx.iter()
+                    .map(|batch| analyze_and_encode(&batch))
+                    .sum::<usize>()
             })
         })
     });
@@ -153,7 +157,6 @@ fn bench_packet(c: &mut Criterion) {
 }
 
 fn bench_pipeline(c: &mut Criterion) {
-    use rdkafka::config::ClientConfig;
     use rdkafka::mocking::MockCluster;
     use std::sync::atomic::Ordering;
     use tokio_util::sync::CancellationToken;
@@ -178,8 +181,11 @@ fn bench_pipeline(c: &mut Criterion) {
                     s.kafka.bootstrap_servers = cluster.bootstrap_servers();
                     s.metrics_log.path = None;
                     s.telemetry.listen = None;
-                    let mut producer_cfg = ClientConfig::new();
-                    producer_cfg.set("bootstrap.servers", &s.kafka.bootstrap_servers);
+                    // The service's own producer settings (gzip): the mock cluster,
+                    // unlike a broker, never returns a record batch larger than the
+                    // consumer's max.partition.fetch.bytes, so uncompressed 2 MB
+                    // batches would stall it.
+                    let producer_cfg = login_metrics::sink::producer_config(&s.kafka);
                     let mut generator = Generator::new(GeneratorConfig::new(5));
                     login_metrics::demo::produce_generated(
                         &producer_cfg,
