@@ -115,11 +115,6 @@ impl StrColumn {
             .iter()
             .map(|span| span.map(|(s, l)| &self.buf[s as usize..(s + l) as usize]))
     }
-
-    /// Bytes held, for memory accounting.
-    pub fn heap_bytes(&self) -> usize {
-        self.buf.capacity() + self.spans.capacity() * std::mem::size_of::<Option<(u32, u32)>>()
-    }
 }
 
 /// The valid events of a batch, column by column.
@@ -225,19 +220,11 @@ impl Batcher {
         }
     }
 
-    pub fn limits(&self) -> Limits {
-        self.limits
-    }
-
     /// The instant at which the open batch closes by wait, if one is open.
     pub fn deadline(&self) -> Option<Instant> {
         self.open
             .as_ref()
             .map(|o| o.opened_at + self.limits.max_wait)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.open.is_none()
     }
 
     /// Adds a valid event; batches it closes are appended to `closed`.

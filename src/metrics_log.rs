@@ -39,10 +39,6 @@ impl MetricsLog {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Appends one line (a newline is added) and syncs it to disk.
     pub fn append(&mut self, line: &str) -> io::Result<()> {
         let len = line.len() as u64 + 1;

@@ -42,7 +42,6 @@ pub struct Progress {
     invalid_by_kind: [AtomicU64; 5],
     pub packets: AtomicU64,
     pub packet_bytes: AtomicU64,
-    pub valid_delivered: AtomicU64,
     /// Messages whose batch is delivered and committed.
     pub committed_messages: AtomicU64,
     /// Total consumer lag from the latest librdkafka statistics.
@@ -367,9 +366,6 @@ impl Sink {
         self.progress
             .packet_bytes
             .fetch_add(json.len() as u64, Ordering::Relaxed);
-        self.progress
-            .valid_delivered
-            .fetch_add(valid, Ordering::Relaxed);
         info!(
             packet_id = %packet.packet_id,
             valid,

@@ -110,10 +110,6 @@ impl Publisher {
         })
     }
 
-    pub fn producer(&self) -> &FutureProducer<SinkContext> {
-        &self.producer
-    }
-
     /// Delivers every record, retrying failures; returns when all are acknowledged.
     pub async fn deliver(&self, records: &[OutRecord]) -> Result<(), DeliveryError> {
         let mut pending: Vec<usize> = (0..records.len()).collect();

@@ -322,17 +322,16 @@ pub fn consume(
         .map_err(|e| format!("cannot subscribe to {}: {e}", k.input_topic))?;
     info!(topic = %k.input_topic, group = %k.group_id, "consuming");
 
+    // One clock read per turn: the loop runs once per message.
+    let mut timeout = MAX_POLL;
     while !shutdown.is_cancelled() {
-        health.beat();
-        let timeout = lock(&consumer)
-            .as_ref()
-            .map_or(MAX_POLL, |d| d.poll_timeout(Instant::now()));
         let polled = consumer.poll(timeout);
+        let now = Instant::now();
+        health.beat(now);
         let mut guard = lock(&consumer);
         let Some(driver) = guard.as_mut() else {
             break;
         };
-        let now = Instant::now();
         match polled {
             Some(Ok(m)) => driver.on_message(&m, now),
             Some(Err(e)) if consumer.context().errors.allow() => {
@@ -347,6 +346,7 @@ pub fn consume(
             error!(reason = %reason, "stopping: a batch could not be delivered and is not committed");
             break;
         }
+        timeout = driver.poll_timeout(now);
     }
 
     let mut driver = lock(&consumer).take().expect("driver present until here");
@@ -366,7 +366,8 @@ fn lock(consumer: &BaseConsumer<SourceContext>) -> std::sync::MutexGuard<'_, Opt
     consumer.context().driver.lock().expect("driver lock")
 }
 
-/// Re-exported for tests that inspect committed offsets.
+/// The group's committed offsets on partitions `0..partitions` of the input
+/// topic (-1 where nothing is committed), for tests and tools.
 pub fn committed_offsets(
     k: &KafkaSettings,
     partitions: i32,

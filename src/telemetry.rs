@@ -204,10 +204,13 @@ impl Default for Health {
 }
 
 impl Health {
-    pub fn beat(&self) {
+    /// Records a turn of the pipeline loop at `now`.
+    pub fn beat(&self, now: Instant) {
         self.loop_running.store(true, Ordering::Relaxed);
-        self.heartbeat_ms
-            .store(self.started.elapsed().as_millis() as i64, Ordering::Relaxed);
+        self.heartbeat_ms.store(
+            now.saturating_duration_since(self.started).as_millis() as i64,
+            Ordering::Relaxed,
+        );
     }
 
     pub fn stopped(&self) {

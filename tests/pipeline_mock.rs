@@ -55,12 +55,8 @@ async fn packet_counts_equal_a_naive_count_over_the_same_batches() {
             ("BATCH__MAX_SPAN", "1h"),
         ],
     );
-    let run = start(s);
-    run.consumed(inputs.len() as u64, T).await;
-    let summary = run.stop().await.expect("run succeeds");
+    let (summary, packets) = run_to_end(s, inputs.len() as u64).await;
     assert_eq!(summary.messages, inputs.len() as u64);
-
-    let packets = read_packets(&bs);
     assert!(packets.len() >= 8, "{} packets", packets.len());
     let covered = verify_packets(&packets, &input, &default_slices(), 25);
     assert!(
@@ -112,14 +108,15 @@ async fn count_closes_batches_at_max_events_and_shutdown_flushes_the_rest() {
         })
         .collect();
     produce(&bs, INPUT, &events);
-    let run = start(settings(
-        &bs,
-        &dir.path().join("m.log"),
-        &[("BATCH__MAX_EVENTS", "100")],
-    ));
-    run.consumed(250, T).await;
-    run.stop().await.unwrap();
-    let packets = read_packets(&bs);
+    let (_, packets) = run_to_end(
+        settings(
+            &bs,
+            &dir.path().join("m.log"),
+            &[("BATCH__MAX_EVENTS", "100")],
+        ),
+        250,
+    )
+    .await;
     let shape: Vec<(String, u64, i64, i64)> = packets
         .iter()
         .map(|p| {
@@ -153,14 +150,15 @@ async fn span_closes_before_the_event_that_would_exceed_it() {
         .map(|d| input(0, valid_event("u", "10.0.0.1", base + d)))
         .collect();
     produce(&bs, INPUT, &events);
-    let run = start(settings(
-        &bs,
-        &dir.path().join("m.log"),
-        &[("BATCH__MAX_SPAN", "10s")],
-    ));
-    run.consumed(5, T).await;
-    run.stop().await.unwrap();
-    let packets = read_packets(&bs);
+    let (_, packets) = run_to_end(
+        settings(
+            &bs,
+            &dir.path().join("m.log"),
+            &[("BATCH__MAX_SPAN", "10s")],
+        ),
+        5,
+    )
+    .await;
     let shape: Vec<(String, u64, Option<String>, Option<String>)> = packets
         .iter()
         .map(|p| {
@@ -275,9 +273,11 @@ async fn malformed_messages_of_every_kind_reach_the_dead_letter_topic() {
         })
         .collect();
     produce(&bs, INPUT, &inputs);
-    let run = start(settings(&bs, &dir.path().join("m.log"), &[]));
-    run.consumed(cases.len() as u64, T).await;
-    let summary = run.stop().await.unwrap();
+    let (summary, packets) = run_to_end(
+        settings(&bs, &dir.path().join("m.log"), &[]),
+        cases.len() as u64,
+    )
+    .await;
     assert_eq!((summary.valid, summary.invalid), (4, 6));
 
     let dead = read_all(&bs, DLQ);
@@ -297,7 +297,6 @@ async fn malformed_messages_of_every_kind_reach_the_dead_letter_topic() {
         assert_eq!(d.headers["source.offset"], offset.to_string());
     }
 
-    let packets = read_packets(&bs);
     assert_eq!(packets.len(), 1);
     let p = &packets[0];
     assert_eq!((p.events.valid, p.events.invalid), (4, 6));
@@ -331,21 +330,15 @@ async fn a_restart_reprocesses_nothing_committed_and_skips_nothing_uncommitted()
         .map(|i| input(i % 2, valid_event(&format!("u{i}"), "ip", 1_700_000_000)))
         .collect();
     produce(&bs, INPUT, &batch1);
-    let run = start(settings(&bs, &log, &overrides));
-    run.consumed(120, T).await;
-    run.stop().await.unwrap();
-    let first = read_packets(&bs);
+    let (_, first) = run_to_end(settings(&bs, &log, &overrides), 120).await;
     assert_eq!(committed(&bs, "restart", 2), vec![60, 60]);
 
     let batch2: Vec<Input> = (0..40)
         .map(|i| input(i % 2, valid_event(&format!("w{i}"), "ip", 1_700_000_000)))
         .collect();
     produce(&bs, INPUT, &batch2);
-    let run = start(settings(&bs, &log, &overrides));
-    run.consumed(40, T).await;
-    let summary = run.stop().await.unwrap();
+    let (summary, all) = run_to_end(settings(&bs, &log, &overrides), 40).await;
     assert_eq!(summary.messages, 40, "nothing committed is read again");
-    let all = read_packets(&bs);
     let second = &all[first.len()..];
     let mut covered: BTreeMap<i32, Vec<i64>> = BTreeMap::new();
     for p in second {

@@ -204,6 +204,17 @@ pub fn committed(bootstrap: &str, group: &str, partitions: i32) -> Vec<i64> {
         .expect("committed offsets")
 }
 
+/// Runs the pipeline with `settings` until `messages` input messages are
+/// consumed, stops it (shutdown flushes the open batch), and returns the run's
+/// summary and the output topic's packets.
+pub async fn run_to_end(settings: Settings, messages: u64) -> (RunSummary, Vec<Packet>) {
+    let bootstrap = settings.kafka.bootstrap_servers.clone();
+    let run = start(settings);
+    run.consumed(messages, Duration::from_secs(60)).await;
+    let summary = run.stop().await.expect("the run succeeds");
+    (summary, read_packets(&bootstrap))
+}
+
 /// A pipeline run in the background, stopped by [`Running::stop`].
 pub struct Running {
     pub shutdown: CancellationToken,
