@@ -132,20 +132,25 @@ pub fn analyze_with_key_limit(
     max_key: u64,
 ) -> PolarsResult<Vec<SliceReport>> {
     let encoded = encode_all(columns, slices);
-    slices
-        .iter()
-        .map(|slice| {
-            let cols: Vec<&Encoded> = slice
-                .iter()
-                .map(|f| {
-                    encoded[f.index()]
-                        .as_ref()
-                        .expect("used fields are encoded")
-                })
-                .collect();
-            analyze_slice(&cols, columns.len(), slice, top, max_key)
-        })
-        .collect()
+    let run = |slice: &Vec<Field>| {
+        let cols: Vec<&Encoded> = slice
+            .iter()
+            .map(|f| {
+                encoded[f.index()]
+                    .as_ref()
+                    .expect("used fields are encoded")
+            })
+            .collect();
+        analyze_slice(&cols, columns.len(), slice, top, max_key)
+    };
+    let half = slices.len().div_ceil(2);
+    let (first, second) = slices.split_at(half);
+    let (a, b) = std::thread::scope(|scope| {
+        let h = scope.spawn(|| second.iter().map(run).collect::<Vec<_>>());
+        let a: Vec<_> = first.iter().map(run).collect();
+        (a, h.join().expect("analysis does not panic"))
+    });
+    a.into_iter().chain(b).collect()
 }
 
 /// How the rows of a slice are keyed for grouping.

@@ -357,18 +357,39 @@ impl Settings {
             .iter()
             .map(|s| s.iter().map(|f| f.name()).collect::<Vec<_>>().join("+"))
             .collect();
+        let props = |m: &BTreeMap<String, String>| {
+            m.iter()
+                .map(|(k, v)| {
+                    let v = if is_secret_property(k) {
+                        REDACTED
+                    } else {
+                        v.as_str()
+                    };
+                    format!("{k}={v}")
+                })
+                .collect::<Vec<_>>()
+                .join(",")
+        };
         format!(
-            "brokers={} group={} input={} output={} dlq={} batch(max_events={} max_span={} max_wait={}) slices=[{}] top={} metrics_log={} pseudonymize=[{}]",
+            "brokers={} group={} input={} output={} dlq={} compression={} batch(max_events={} max_span={} max_wait={}) slices=[{}] top={} required=[{}] metrics_log={} pseudonymize=[{}] consumer=[{}] producer=[{}]",
             self.kafka.bootstrap_servers,
             self.kafka.group_id,
             self.kafka.input_topic,
             self.kafka.output_topic,
             if self.kafka.dlq_topic.is_empty() { "-" } else { &self.kafka.dlq_topic },
+            self.kafka.compression,
             self.batch.max_events,
             humantime::format_duration(self.batch.max_span),
             humantime::format_duration(self.batch.max_wait),
             slices.join(" "),
             self.analysis.top,
+            self.events
+                .required
+                .iter()
+                .map(|f| f.name())
+                .chain(self.events.timestamp_required.then_some("timestamp"))
+                .collect::<Vec<_>>()
+                .join(","),
             self.metrics_log
                 .path
                 .as_ref()
@@ -380,6 +401,8 @@ impl Settings {
                 .map(|f| f.name())
                 .collect::<Vec<_>>()
                 .join(","),
+            props(&self.kafka.consumer),
+            props(&self.kafka.producer),
         )
     }
 }
@@ -878,6 +901,13 @@ mod tests {
         assert!(!text.contains("pw-secret"), "{text}");
         assert!(text.contains("<redacted>"));
         assert!(!format!("{s:?}").contains("hunter2-key"));
+        let line = s.redacted_summary();
+        assert!(line.contains("sasl.password=<redacted>"), "{line}");
+        assert!(line.contains("compression.level=1"), "{line}");
+        assert!(
+            !line.contains("pw-secret") && !line.contains("hunter2-key"),
+            "{line}"
+        );
         // The printed configuration is itself a valid configuration file.
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("effective.toml");
