@@ -74,6 +74,7 @@ async fn end_to_end_over_tcp_counts_match_a_naive_count_and_dead_letters_arrive_
             &[("BATCH__MAX_EVENTS", "4000"), ("BATCH__MAX_SPAN", "1h")],
         ),
     );
+    svc.wait_ready(READY);
     wait_committed(&b.bootstrap, "e2e", &ends, DONE);
     svc.signal("TERM");
     assert_eq!(svc.wait_exit(DONE), Some(0), "{}", svc.stderr());
@@ -172,6 +173,7 @@ async fn kill_9_at_random_points_loses_nothing() {
         out_start = out_end;
     }
     let mut last = Service::start(dir.path(), "final", &e);
+    last.wait_ready(READY);
     wait_committed(&b.bootstrap, "crashy", &ends, DONE);
     last.signal("TERM");
     assert_eq!(last.wait_exit(DONE), Some(0), "{}", last.stderr());
@@ -215,7 +217,9 @@ async fn kill_9_at_random_points_loses_nothing() {
 async fn sigterm_mid_run_flushes_commits_exits_zero_and_a_restart_reprocesses_nothing() {
     let b = broker_with_topics(3).await;
     let dir = tempfile::tempdir().unwrap();
-    let (inputs, malformed) = generated_input(44, 10_000, 30_000, 3);
+    // More input than the first run can read in its one second, so the
+    // restart has work left.
+    let (inputs, malformed) = generated_input(44, 10_000, 120_000, 3);
     let input = produce_input(&b.bootstrap, &inputs, &malformed);
     let ends = end_offsets(&input, 3);
     // Only shutdown can close a batch in this run: no count, span or wait is reachable.
@@ -251,7 +255,10 @@ async fn sigterm_mid_run_flushes_commits_exits_zero_and_a_restart_reprocesses_no
         "offsets committed at shutdown"
     );
 
+    assert_ne!(after_first, ends, "the first run stopped mid-input");
     let mut second = Service::start(dir.path(), "second", &env(&b, "term", &[]));
+    // Ready means the signal handler is installed and partitions are assigned.
+    second.wait_ready(READY);
     wait_committed(&b.bootstrap, "term", &ends, DONE);
     second.signal("TERM");
     assert_eq!(second.wait_exit(DONE), Some(0));
