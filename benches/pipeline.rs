@@ -1,4 +1,5 @@
-//! Throughput benches (events per second): parsing, batch analysis at four
+//! Throughput benches (events per second): parsing, arrival batching and
+//! event-time windowing, batch analysis at four
 //! batch sizes, the in-process analysis core (parse, batch, analyze, encode),
 //! packet building, and the whole pipeline over librdkafka's mock cluster.
 //! Data comes from the generator; setup stays out of the timed part.
@@ -15,6 +16,7 @@ use login_metrics::generator::{Generator, GeneratorConfig};
 use login_metrics::packet;
 use login_metrics::privacy::Pseudonymizer;
 use login_metrics::settings::Settings;
+use login_metrics::window::{LatePolicy, WindowConfig, Windower};
 use login_metrics::Pipeline;
 
 fn payloads(n: usize, seed: u64) -> Vec<Vec<u8>> {
@@ -32,6 +34,7 @@ fn requirements() -> Requirements {
     Requirements {
         fields: vec![Field::UserId],
         timestamp: true,
+        not_after_ms: None,
     }
 }
 
@@ -59,6 +62,44 @@ fn batch_of(payloads: &[Vec<u8>]) -> Batch {
     b.close(CloseReason::Shutdown).unwrap()
 }
 
+fn identity(privacy: &Pseudonymizer) -> packet::Identity {
+    let s = defaults();
+    packet::Identity::new("bench", "user-login", &s.analysis.slices, 100, privacy)
+}
+
+/// Parses `payloads` into ten-second tumbling windows over three partitions
+/// (round robin); returns the valid events in the windows closed by watermark.
+fn windows_of(payloads: &[Vec<u8>]) -> usize {
+    let req = requirements();
+    let mut w = Windower::new(
+        WindowConfig {
+            size: Duration::from_secs(10),
+            hop: Duration::from_secs(10),
+            grace: Duration::from_secs(5),
+            idle: Duration::from_secs(30),
+            max_wait: Duration::from_secs(3600),
+            max_events: usize::MAX,
+            max_buffered: usize::MAX,
+            max_dead_letters: usize::MAX,
+            late: LatePolicy::DeadLetter,
+        },
+        "user-login",
+    );
+    let now = Instant::now();
+    let mut valid = 0;
+    for (i, p) in payloads.iter().enumerate() {
+        let (partition, offset) = ((i % 3) as i32, (i / 3) as i64);
+        match parse(p, &req) {
+            Ok(ev) => w.push_event(partition, offset, None, p, &ev, now),
+            Err(e) => w.push_invalid(partition, offset, None, p, e, now),
+        }
+        if let Some(work) = w.take_work(now, false) {
+            valid += work.batches.iter().map(Batch::valid).sum::<usize>();
+        }
+    }
+    valid
+}
+
 fn bench_parse(c: &mut Criterion) {
     let data = payloads(100_000, 1);
     let req = requirements();
@@ -81,6 +122,9 @@ fn bench_batch(c: &mut Criterion) {
     g.throughput(Throughput::Elements(data.len() as u64));
     g.bench_function("parse+push 100k", |b| {
         b.iter(|| black_box(batch_of(&data).valid()))
+    });
+    g.bench_function("parse+window 100k", |b| {
+        b.iter(|| black_box(windows_of(&data)))
     });
     g.finish();
 }
@@ -107,7 +151,7 @@ fn bench_core(c: &mut Criterion) {
     let privacy = Pseudonymizer::disabled();
     let analyze_and_encode = |batch: &Batch| {
         let reports = analyze(&batch.columns, &slices, 100).unwrap();
-        packet::build(batch, &reports, &privacy, Utc::now())
+        packet::build(batch, &reports, &privacy, &identity(&privacy), Utc::now())
             .to_json()
             .len()
     };
@@ -148,10 +192,10 @@ fn bench_packet(c: &mut Criterion) {
     let mut g = c.benchmark_group("packet");
     g.throughput(Throughput::Elements(1));
     g.bench_function("build+encode", |b| {
-        b.iter(|| packet::build(&batch, &reports, &plain, Utc::now()).to_json())
+        b.iter(|| packet::build(&batch, &reports, &plain, &identity(&plain), Utc::now()).to_json())
     });
     g.bench_function("build+encode pseudonymized", |b| {
-        b.iter(|| packet::build(&batch, &reports, &keyed, Utc::now()).to_json())
+        b.iter(|| packet::build(&batch, &reports, &keyed, &identity(&keyed), Utc::now()).to_json())
     });
     g.finish();
 }

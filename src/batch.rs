@@ -1,6 +1,7 @@
-//! Batching: what closes a batch, written once.
+//! Arrival batching (`batch.mode = "arrival"`), and the units every mode
+//! hands to delivery ([`Batch`], [`Work`]).
 //!
-//! A batch closes
+//! An arrival batch is whatever arrived together. It closes
 //! - **count**: when it holds `max_events` valid events;
 //! - **span**: when the next event would make its event-time span (largest
 //!   minus smallest timestamp) exceed `max_span`; that event starts the next batch;
@@ -31,15 +32,18 @@ pub enum CloseReason {
     Wait,
     Shutdown,
     Rebalance,
+    /// Window mode: every partition's progress passed the window's end.
+    Watermark,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 5] = [
+    pub const ALL: [CloseReason; 6] = [
         CloseReason::Count,
         CloseReason::Span,
         CloseReason::Wait,
         CloseReason::Shutdown,
         CloseReason::Rebalance,
+        CloseReason::Watermark,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -49,6 +53,7 @@ impl CloseReason {
             CloseReason::Wait => "wait",
             CloseReason::Shutdown => "shutdown",
             CloseReason::Rebalance => "rebalance",
+            CloseReason::Watermark => "watermark",
         }
     }
 }
@@ -154,7 +159,16 @@ impl Columns {
     }
 }
 
-/// A closed batch, ready for analysis and delivery.
+/// An event-time window `[start_ms, end_ms)` and the pane of it a packet reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WindowId {
+    pub start_ms: i64,
+    pub end_ms: i64,
+    /// 0, 1, ... when the window was split by `batch.max_events`.
+    pub pane: u32,
+}
+
+/// The valid events of one packet: an arrival batch, or a window's pane.
 #[derive(Debug, Clone)]
 pub struct Batch {
     /// Position in this process's sequence of batches, from 0.
@@ -164,10 +178,66 @@ pub struct Batch {
     pub ts_max_ms: Option<i64>,
     /// Ordered by topic, then partition.
     pub sources: Vec<SourceRange>,
+    /// Arrival mode: the batch's invalid messages (its dead letters).
     pub invalid: Vec<InvalidMessage>,
+    /// Invalid messages counted in the packet, by [`ErrorKind`] index.
+    pub invalid_by_kind: [u64; ErrorKind::ALL.len()],
+    /// Window mode: late events among the window's offsets.
+    pub late: Option<u64>,
+    /// Window mode: the window this batch reports.
+    pub window: Option<WindowId>,
     pub closed_by: CloseReason,
     /// When the batch's first message arrived.
     pub opened_at: Instant,
+}
+
+/// An offset to commit once the work that carries it is delivered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitPoint {
+    pub topic: Arc<str>,
+    pub partition: i32,
+    /// The next offset to read.
+    pub offset: i64,
+    /// Commit metadata (window mode: the partition's checkpoint).
+    pub metadata: Option<String>,
+}
+
+/// What the consumer side hands to delivery, in order: packets to build, dead
+/// letters to send, and the offsets to commit when all of it is delivered.
+#[derive(Debug, Clone)]
+pub struct Work {
+    pub seq: u64,
+    pub batches: Vec<Batch>,
+    pub dead_letters: Vec<InvalidMessage>,
+    pub commit: Vec<CommitPoint>,
+    /// Input messages the commit moves past.
+    pub messages: u64,
+}
+
+impl Work {
+    /// An arrival batch: one packet, its invalid messages as dead letters, and
+    /// its last offset + 1 per partition to commit.
+    pub fn from_arrival(mut batch: Batch) -> Work {
+        let commit = batch
+            .sources
+            .iter()
+            .map(|s| CommitPoint {
+                topic: s.topic.clone(),
+                partition: s.partition,
+                offset: s.last_offset + 1,
+                metadata: None,
+            })
+            .collect();
+        let messages = batch.messages() as u64;
+        let dead_letters = std::mem::take(&mut batch.invalid);
+        Work {
+            seq: batch.seq,
+            batches: vec![batch],
+            dead_letters,
+            commit,
+            messages,
+        }
+    }
 }
 
 impl Batch {
@@ -297,6 +367,10 @@ impl Batcher {
         self.next_seq += 1;
         open.sources
             .sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+        let mut invalid_by_kind = [0; ErrorKind::ALL.len()];
+        for m in &open.invalid {
+            invalid_by_kind[m.kind as usize] += 1;
+        }
         Some(Batch {
             seq,
             columns: open.columns,
@@ -304,6 +378,9 @@ impl Batcher {
             ts_max_ms: open.ts_max_ms,
             sources: open.sources,
             invalid: open.invalid,
+            invalid_by_kind,
+            late: None,
+            window: None,
             closed_by: reason,
             opened_at: open.opened_at,
         })

@@ -103,9 +103,13 @@ pub enum ErrorKind {
     BadTimestamp,
     /// A field has the wrong JSON type (a number where a string belongs, ...).
     WrongType,
+    /// Window mode: a valid event whose windows had all closed. Never produced
+    /// by the parser, so not in [`ErrorKind::ALL`].
+    Late,
 }
 
 impl ErrorKind {
+    /// The kinds the parser produces.
     pub const ALL: [ErrorKind; 5] = [
         ErrorKind::NotJson,
         ErrorKind::NotObject,
@@ -121,6 +125,7 @@ impl ErrorKind {
             ErrorKind::MissingField => "missing_field",
             ErrorKind::BadTimestamp => "bad_timestamp",
             ErrorKind::WrongType => "wrong_type",
+            ErrorKind::Late => "late",
         }
     }
 }
@@ -153,6 +158,9 @@ impl InvalidEvent {
 pub struct Requirements {
     pub fields: Vec<Field>,
     pub timestamp: bool,
+    /// Latest accepted event time, epoch milliseconds (the wall clock plus
+    /// `events.max_future`); `None` accepts any. The caller refreshes it.
+    pub not_after_ms: Option<i64>,
 }
 
 /// Epoch values at or above this are milliseconds; below, seconds. 1e11 s is
@@ -198,10 +206,17 @@ pub fn parse<'a>(payload: &'a [u8], req: &Requirements) -> Result<LoginEvent<'a>
             ))
         }
         TsValue::Absent => None,
-        other => Some(
-            normalize_timestamp(&other)
-                .map_err(|reason| InvalidEvent::new(ErrorKind::BadTimestamp, reason))?,
-        ),
+        other => {
+            let ms = normalize_timestamp(&other)
+                .map_err(|reason| InvalidEvent::new(ErrorKind::BadTimestamp, reason))?;
+            if req.not_after_ms.is_some_and(|limit| ms > limit) {
+                return Err(InvalidEvent::new(
+                    ErrorKind::BadTimestamp,
+                    "timestamp is further in the future than events.max_future allows",
+                ));
+            }
+            Some(ms)
+        }
     };
     Ok(LoginEvent {
         fields: raw.fields,
@@ -435,6 +450,7 @@ mod tests {
         Requirements {
             fields: vec![Field::UserId],
             timestamp: true,
+            not_after_ms: None,
         }
     }
 
@@ -548,6 +564,7 @@ mod tests {
         let req = Requirements {
             fields: vec![],
             timestamp: false,
+            not_after_ms: None,
         };
         let ev = parse(br#"{"ip":"1.2.3.4"}"#, &req).unwrap();
         assert_eq!(ev.timestamp_ms, None);

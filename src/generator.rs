@@ -232,6 +232,7 @@ fn malformed(kind: ErrorKind, ts_ms: i64) -> String {
         ErrorKind::WrongType => {
             format!(r#"{{"user_id":"u-num-ip","ip":167772161,"timestamp":{secs}}}"#)
         }
+        ErrorKind::Late => unreachable!("the generator makes parse errors only"),
     }
 }
 
@@ -290,6 +291,7 @@ mod tests {
         let req = Requirements {
             fields: vec![Field::UserId],
             timestamp: true,
+            not_after_ms: None,
         };
         let mut cfg = GeneratorConfig::new(1);
         cfg.malformed_rate = 0.05;

@@ -35,11 +35,12 @@
 
 pub mod analysis;
 pub mod batch;
-pub mod commit;
+pub mod delivery;
 pub mod demo;
 pub mod event;
 pub mod generator;
 pub mod metrics_log;
+pub mod offsets;
 pub mod packet;
 pub mod pipeline;
 pub mod privacy;
@@ -47,6 +48,7 @@ pub mod settings;
 pub mod sink;
 pub mod source;
 pub mod telemetry;
+pub mod window;
 
 pub use pipeline::{run, Pipeline, Progress, RunSummary};
 pub use settings::Settings;

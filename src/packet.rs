@@ -1,9 +1,11 @@
-//! The metric packet: one JSON object per batch.
+//! The metric packet: one JSON object per window (or arrival batch).
 //!
-//! The shape is specified by `docs/packet.schema.json`. A packet names the
-//! offset ranges it covers (`sources`), and its `packet_id` is derived from
-//! those ranges alone, so a replay of the same input after a crash carries the
-//! same id and a reader can deduplicate or recompute it.
+//! The shape is specified by `docs/packet.schema.json`. A window packet's
+//! `packet_id` is derived from what the packet answers: the consumer group,
+//! the input topic, the window, the pane and a fingerprint of the analysis
+//! settings. A replay carries the id of the original, and two configurations
+//! never share one. An arrival packet's id is derived from the offset ranges
+//! it covers, so a replay that closes at the same offsets carries the same id.
 
 use std::collections::BTreeMap;
 
@@ -13,10 +15,11 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::analysis::SliceReport;
-use crate::batch::{Batch, SourceRange};
+use crate::batch::{Batch, SourceRange, WindowId};
+use crate::event::{ErrorKind, Field};
 use crate::privacy::Pseudonymizer;
 
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -33,6 +36,15 @@ pub struct Packet {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Window {
+    /// Window mode: the window's start (RFC 3339 UTC, inclusive).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start: Option<String>,
+    /// Window mode: the window's end (exclusive).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end: Option<String>,
+    /// Window mode: which part of a window split by `batch.max_events` (0 when not split).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pane: Option<u32>,
     /// Smallest event time in the batch; null when it has no timestamped event.
     pub ts_min: Option<String>,
     pub ts_max: Option<String>,
@@ -46,6 +58,9 @@ pub struct EventCounts {
     pub invalid: u64,
     /// Invalid messages by error kind (only kinds that occurred).
     pub invalid_by_kind: BTreeMap<String, u64>,
+    /// Window mode: late events among the window's offsets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub late: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,8 +83,56 @@ pub struct SliceMetrics {
     pub duplicates: Vec<Map<String, Value>>,
 }
 
-/// Deterministic id of the input a packet covers: the first 32 hex characters
-/// of SHA-256 over its offset ranges.
+/// What makes window packets of one deployment distinct: the consumer group,
+/// the input topic and a fingerprint of the settings that shape a packet's
+/// content (slices, top, pseudonymized fields and key).
+#[derive(Debug, Clone)]
+pub struct Identity {
+    prefix: String,
+}
+
+impl Identity {
+    pub fn new(
+        group: &str,
+        topic: &str,
+        slices: &[Vec<Field>],
+        top: usize,
+        privacy: &Pseudonymizer,
+    ) -> Identity {
+        let mut fp = String::new();
+        for s in slices {
+            fp.push_str(&s.iter().map(|f| f.name()).collect::<Vec<_>>().join("+"));
+            fp.push(',');
+        }
+        fp.push_str(&format!(";top={top};"));
+        for f in Field::ALL {
+            if privacy.applies_to(f) {
+                fp.push_str(f.name());
+                fp.push('+');
+            }
+        }
+        if privacy.is_active() {
+            // A keyed value, so the key itself cannot be recovered from ids.
+            fp.push_str(&privacy.pseudonym("login-metrics/packet-id"));
+        }
+        Identity {
+            prefix: format!("{group}\n{topic}\n{fp}\n"),
+        }
+    }
+
+    /// The id of a window's pane.
+    pub fn window_packet_id(&self, w: &WindowId) -> String {
+        let mut h = Sha256::new();
+        h.update(self.prefix.as_bytes());
+        h.update(format!("{}/{}/{}", w.start_ms, w.end_ms, w.pane));
+        let mut id = hex::encode(h.finalize());
+        id.truncate(32);
+        id
+    }
+}
+
+/// Deterministic id of the input an arrival packet covers: the first 32 hex
+/// characters of SHA-256 over its offset ranges.
 pub fn packet_id(sources: &[SourceRange]) -> String {
     let mut h = Sha256::new();
     for s in sources {
@@ -94,26 +157,34 @@ pub fn build(
     batch: &Batch,
     reports: &[SliceReport],
     privacy: &Pseudonymizer,
+    identity: &Identity,
     emitted_at: DateTime<Utc>,
 ) -> Packet {
-    let mut invalid_by_kind = BTreeMap::new();
-    for m in &batch.invalid {
-        *invalid_by_kind
-            .entry(m.kind.as_str().to_string())
-            .or_insert(0) += 1;
-    }
+    let invalid_by_kind: BTreeMap<String, u64> = ErrorKind::ALL
+        .iter()
+        .filter(|k| batch.invalid_by_kind[**k as usize] > 0)
+        .map(|k| (k.as_str().to_string(), batch.invalid_by_kind[*k as usize]))
+        .collect();
+    let invalid = invalid_by_kind.values().sum();
     Packet {
         schema_version: SCHEMA_VERSION,
-        packet_id: packet_id(&batch.sources),
+        packet_id: match &batch.window {
+            Some(w) => identity.window_packet_id(w),
+            None => packet_id(&batch.sources),
+        },
         window: Window {
+            start: batch.window.map(|w| rfc3339_millis(w.start_ms)),
+            end: batch.window.map(|w| rfc3339_millis(w.end_ms)),
+            pane: batch.window.map(|w| w.pane),
             ts_min: batch.ts_min_ms.map(rfc3339_millis),
             ts_max: batch.ts_max_ms.map(rfc3339_millis),
             closed_by: batch.closed_by.as_str().to_string(),
         },
         events: EventCounts {
             valid: batch.valid() as u64,
-            invalid: batch.invalid.len() as u64,
+            invalid,
             invalid_by_kind,
+            late: batch.late,
         },
         sources: batch
             .sources

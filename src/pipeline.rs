@@ -1,74 +1,38 @@
-//! The async shell: wires source, analysis, sinks and commits together.
+//! The async shell: wires source, delivery and offsets together.
 //!
 //! ```text
-//!  consumer thread (source.rs)            sink task (this file)
-//!  poll → parse → batch ──Batch──▶ analyze (blocking pool) → packet
-//!        ▲                                 → deliver packet + dead letters
-//!        └──────────── Ack ──────────────── → append to metrics log
-//!  commit (in batch order)
+//!  consumer thread (source)                     delivery task (delivery)
+//!  poll → parse → window/batch ──Work──▶ analyze (blocking pool) → packets
+//!        ▲                                → publish packets + dead letters
+//!        └──────────── Ack ───────────── → append to metrics log
+//!  commit, in order (offsets)
 //! ```
 //!
 //! The shell only moves data and owns the lifecycle; every decision (what is
-//! valid, when a batch closes, what a packet says) is made in the synchronous
-//! core modules.
+//! valid, when a window closes, what a packet says, what may be committed) is
+//! made in the synchronous core modules.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
-use chrono::Utc;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::info;
 
-use crate::analysis;
-use crate::batch::{Batch, Batcher, Columns, Limits};
+use crate::batch::{Batcher, Limits, Work};
+use crate::delivery::{Ack, Delivery, PacketHook};
 use crate::event::{ErrorKind, Requirements};
 use crate::metrics_log::MetricsLog;
-use crate::packet::{self, Packet};
+use crate::packet::{Identity, Packet};
 use crate::privacy::Pseudonymizer;
-use crate::settings::Settings;
-use crate::sink::{OutRecord, Publisher};
-use crate::source::{self, Ack, Driver};
-use crate::telemetry::{self, Health};
-
-/// Counters of one run, shared with whoever watches it.
-#[derive(Debug, Default)]
-pub struct Progress {
-    /// Input messages consumed, valid or not.
-    pub messages: AtomicU64,
-    pub invalid: AtomicU64,
-    invalid_by_kind: [AtomicU64; 5],
-    pub packets: AtomicU64,
-    pub packet_bytes: AtomicU64,
-    /// Messages whose batch is delivered and committed.
-    pub committed_messages: AtomicU64,
-    /// Total consumer lag from the latest librdkafka statistics.
-    pub lag: AtomicI64,
-    /// When partitions were first assigned (the group join is over).
-    pub first_assigned: std::sync::OnceLock<Instant>,
-}
-
-impl Progress {
-    pub(crate) fn count_invalid(&self, kind: ErrorKind) {
-        self.invalid.fetch_add(1, Ordering::Relaxed);
-        self.invalid_by_kind[kind as usize].fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn invalid_by_kind(&self) -> Vec<(ErrorKind, u64)> {
-        ErrorKind::ALL
-            .iter()
-            .map(|k| {
-                (
-                    *k,
-                    self.invalid_by_kind[*k as usize].load(Ordering::Relaxed),
-                )
-            })
-            .filter(|(_, n)| *n > 0)
-            .collect()
-    }
-}
+use crate::settings::{BatchMode, LateSetting, Settings};
+use crate::sink::Publisher;
+use crate::source::{self, Driver, Grouping};
+use crate::telemetry::Health;
+pub use crate::telemetry::Progress;
+use crate::window::{LatePolicy, WindowConfig, Windower};
 
 /// What a finished run did.
 #[derive(Debug, Clone)]
@@ -77,6 +41,8 @@ pub struct RunSummary {
     pub valid: u64,
     pub invalid: u64,
     pub invalid_by_kind: Vec<(ErrorKind, u64)>,
+    /// Window mode: valid events whose windows had all closed.
+    pub late: u64,
     pub packets: u64,
     pub packet_bytes: u64,
     pub duration: Duration,
@@ -111,8 +77,6 @@ impl std::fmt::Display for RunSummary {
         )
     }
 }
-
-type PacketHook = Arc<dyn Fn(&Packet) + Send + Sync>;
 
 /// One pipeline run: build, optionally watch, then [`Pipeline::run`].
 pub struct Pipeline {
@@ -176,35 +140,41 @@ impl Pipeline {
             Pseudonymizer::new(&s.privacy.key, &s.privacy.pseudonymize)
         };
 
-        // Capacity 1: the consumer fills the next batch while the sink works on
-        // this one, and waits rather than piling up batches in memory.
-        let (batch_tx, batch_rx) = mpsc::channel::<Batch>(1);
+        // Capacity 1: the consumer fills the next work while delivery handles
+        // this one, and waits rather than piling up work in memory.
+        let (work_tx, work_rx) = mpsc::channel::<Work>(1);
         let (ack_tx, ack_rx) = std_mpsc::channel::<Ack>();
         let driver = Driver::new(
-            Batcher::new(Limits {
-                max_events: s.batch.max_events,
-                max_span: s.batch.max_span,
-                max_wait: s.batch.max_wait,
-            }),
+            grouping(&s),
             Requirements {
                 fields: s.events.required.clone(),
                 timestamp: s.events.timestamp_required,
+                not_after_ms: None,
             },
-            batch_tx,
+            Some(s.events.max_future),
+            work_tx,
             ack_rx,
             self.progress.clone(),
         );
 
-        let sink = Sink {
+        let identity = Identity::new(
+            &s.kafka.group_id,
+            &s.kafka.input_topic,
+            &s.analysis.slices,
+            s.analysis.top,
+            &privacy,
+        );
+        let delivery = Delivery {
             settings: s.clone(),
             publisher: Arc::new(publisher),
             metrics_log,
             privacy,
+            identity,
             progress: self.progress.clone(),
             on_packet: self.on_packet.clone(),
         };
-        let publisher = sink.publisher.clone();
-        let sink_task = tokio::spawn(sink.run(batch_rx, ack_tx));
+        let publisher = delivery.publisher.clone();
+        let delivery_task = tokio::spawn(delivery.run(work_rx, ack_tx));
 
         let progress_stop = CancellationToken::new();
         if self.log_progress {
@@ -222,7 +192,7 @@ impl Pipeline {
         .await
         .map_err(|e| anyhow!("the consumer thread panicked: {e}"))?;
         progress_stop.cancel();
-        let _ = sink_task.await;
+        let _ = delivery_task.await;
         let flush_publisher = publisher.clone();
         tokio::task::spawn_blocking(move || flush_publisher.flush(Duration::from_secs(10)))
             .await
@@ -237,6 +207,7 @@ impl Pipeline {
             valid: messages - invalid,
             invalid,
             invalid_by_kind: p.invalid_by_kind(),
+            late: p.late.load(Ordering::Relaxed),
             packets: p.packets.load(Ordering::Relaxed),
             packet_bytes: p.packet_bytes.load(Ordering::Relaxed),
             duration: started.elapsed(),
@@ -269,117 +240,31 @@ async fn log_progress(progress: Arc<Progress>, every: Duration, stop: Cancellati
     }
 }
 
-/// The sink task's state.
-struct Sink {
-    settings: Arc<Settings>,
-    publisher: Arc<Publisher>,
-    metrics_log: Option<Arc<Mutex<MetricsLog>>>,
-    privacy: Pseudonymizer,
-    progress: Arc<Progress>,
-    on_packet: Option<PacketHook>,
-}
-
-impl Sink {
-    async fn run(self, mut batches: mpsc::Receiver<Batch>, acks: std_mpsc::Sender<Ack>) {
-        while let Some(batch) = batches.recv().await {
-            let ack = match self.handle(batch).await {
-                Ok(ack) => ack,
-                Err(e) => {
-                    error!(
-                        error = format!("{e:#}"),
-                        "batch not delivered; its offsets will not be committed"
-                    );
-                    let _ = acks.send(Ack::Failed(format!("{e:#}")));
-                    return;
-                }
-            };
-            if acks.send(ack).is_err() {
-                return;
-            }
-        }
-    }
-
-    async fn handle(&self, batch: Batch) -> anyhow::Result<Ack> {
-        let analysed = Instant::now();
-        let (settings, privacy) = (self.settings.clone(), self.privacy.clone());
-        let (packet, json, batch) = tokio::task::spawn_blocking(move || {
-            let mut batch = batch;
-            let reports = analysis::analyze(
-                &batch.columns,
-                &settings.analysis.slices,
-                settings.analysis.top,
-            )?;
-            let packet = packet::build(&batch, &reports, &privacy, Utc::now());
-            let json = packet.to_json();
-            // The columns are the bulk of a batch; free them before delivery.
-            batch.columns = Columns::default();
-            anyhow::Ok((packet, json, batch))
-        })
-        .await??;
-        metrics::histogram!(telemetry::ANALYSIS_SECONDS).record(analysed.elapsed().as_secs_f64());
-
-        let k = &self.settings.kafka;
-        let mut records = Vec::with_capacity(1 + batch.invalid.len());
-        records.push(OutRecord {
-            topic: Arc::from(k.output_topic.as_str()),
-            key: Some(packet.packet_id.clone().into_bytes()),
-            payload: Arc::from(json.as_bytes()),
-            headers: vec![("content-type", b"application/json".to_vec())],
-        });
-        if !k.dlq_topic.is_empty() {
-            let dlq: Arc<str> = Arc::from(k.dlq_topic.as_str());
-            records.extend(
-                batch
-                    .invalid
-                    .iter()
-                    .map(|m| OutRecord::dead_letter(&dlq, m)),
-            );
-        }
-        self.publisher
-            .deliver(&records)
-            .await
-            .with_context(|| format!("packet {}", packet.packet_id))?;
-
-        if let Some(log) = &self.metrics_log {
-            let log = log.clone();
-            let line = json.clone();
-            tokio::task::spawn_blocking(move || {
-                log.lock().expect("metrics log lock").append(&line)
-            })
-            .await?
-            .context("cannot append to the metrics log")?;
-        }
-
-        let valid = packet.events.valid;
-        let invalid = batch.invalid.len() as u64;
-        metrics::counter!(telemetry::MESSAGES).increment(valid + invalid);
-        metrics::counter!(telemetry::EVENTS_VALID).increment(valid);
-        for m in &batch.invalid {
-            metrics::counter!(telemetry::EVENTS_INVALID, "kind" => m.kind.as_str()).increment(1);
-        }
-        if !k.dlq_topic.is_empty() {
-            metrics::counter!(telemetry::DEAD_LETTERS).increment(invalid);
-        }
-        metrics::counter!(telemetry::PACKETS).increment(1);
-        metrics::counter!(telemetry::PACKET_BYTES).increment(json.len() as u64);
-        self.progress.packets.fetch_add(1, Ordering::Relaxed);
-        self.progress
-            .packet_bytes
-            .fetch_add(json.len() as u64, Ordering::Relaxed);
-        info!(
-            packet_id = %packet.packet_id,
-            valid,
-            invalid,
-            bytes = json.len(),
-            closed_by = %packet.window.closed_by,
-            "packet published"
-        );
-        if let Some(hook) = &self.on_packet {
-            hook(&packet);
-        }
-        Ok(Ack::Delivered {
-            sources: batch.sources,
-            messages: valid + invalid,
-        })
+/// The grouping of the configured mode.
+fn grouping(s: &Settings) -> Grouping {
+    let b = &s.batch;
+    match b.mode {
+        BatchMode::Arrival => Grouping::Arrival(Batcher::new(Limits {
+            max_events: b.max_events,
+            max_span: b.max_span,
+            max_wait: b.max_wait,
+        })),
+        BatchMode::Window => Grouping::Window(Windower::new(
+            WindowConfig {
+                size: b.max_span,
+                hop: b.hop.unwrap_or(b.max_span),
+                grace: b.grace,
+                idle: b.idle,
+                max_wait: b.max_wait,
+                max_events: b.max_events,
+                max_buffered: b.max_buffered,
+                max_dead_letters: b.max_events,
+                late: match b.late {
+                    LateSetting::Dlq => LatePolicy::DeadLetter,
+                    LateSetting::Drop => LatePolicy::Drop,
+                },
+            },
+            &s.kafka.input_topic,
+        )),
     }
 }

@@ -57,13 +57,41 @@ pub struct KafkaSettings {
     pub producer: BTreeMap<String, String>,
 }
 
+/// How events are grouped into packets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BatchMode {
+    /// Event-time windows closed by watermark: the same input gives the same packets.
+    Window,
+    /// Whatever arrived together, closed by count, span or wait.
+    Arrival,
+}
+
+/// The fate of late events in window mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LateSetting {
+    Dlq,
+    Drop,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct BatchSettings {
+    pub mode: BatchMode,
     pub max_events: usize,
     #[serde(with = "human_duration")]
     pub max_span: Duration,
     #[serde(with = "human_duration")]
     pub max_wait: Duration,
+    /// Window mode: distance between window starts; `None` for tumbling windows.
+    #[serde(with = "human_duration_opt")]
+    pub hop: Option<Duration>,
+    #[serde(with = "human_duration")]
+    pub grace: Duration,
+    #[serde(with = "human_duration")]
+    pub idle: Duration,
+    pub late: LateSetting,
+    pub max_buffered: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -78,6 +106,8 @@ pub struct EventSettings {
     pub required: Vec<Field>,
     /// Whether the timestamp is required (it is listed in `events.required`).
     pub timestamp_required: bool,
+    /// Timestamps further than this ahead of the wall clock are `bad_timestamp`.
+    pub max_future: Duration,
 }
 
 impl Serialize for EventSettings {
@@ -87,8 +117,12 @@ impl Serialize for EventSettings {
         if self.timestamp_required {
             names.push("timestamp");
         }
-        let mut st = s.serialize_struct("EventSettings", 1)?;
+        let mut st = s.serialize_struct("EventSettings", 2)?;
         st.serialize_field("required", &names)?;
+        st.serialize_field(
+            "max_future",
+            &humantime::format_duration(self.max_future).to_string(),
+        )?;
         st.end()
     }
 }
@@ -151,6 +185,16 @@ mod human_duration {
     use std::time::Duration;
     pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+}
+
+mod human_duration_opt {
+    use std::time::Duration;
+    pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+            None => s.serialize_str(""),
+        }
     }
 }
 
@@ -267,19 +311,59 @@ impl Settings {
                 &["enable.idempotence", "acks", "bootstrap.servers"],
             ),
         };
+        let mode = match r.one_of("batch.mode", &["window", "arrival"]).as_str() {
+            "arrival" => BatchMode::Arrival,
+            _ => BatchMode::Window,
+        };
+        let max_span = r.duration("batch.max_span", Duration::ZERO);
+        let hop = match r.string("batch.hop").as_str() {
+            "" => None,
+            _ => Some(r.duration("batch.hop", Duration::from_millis(1))),
+        };
+        if mode == BatchMode::Window {
+            if max_span < Duration::from_millis(1) {
+                r.problem("batch.max_span", "must be at least 1ms in window mode");
+            } else if let Some(h) = hop {
+                if h > max_span || max_span.as_millis() % h.as_millis().max(1) != 0 {
+                    r.problem(
+                        "batch.hop",
+                        format!(
+                            "must divide batch.max_span ({})",
+                            humantime::format_duration(max_span)
+                        ),
+                    );
+                }
+            }
+        }
         let batch = BatchSettings {
+            mode,
             max_events: r.int("batch.max_events", 1) as usize,
-            max_span: r.duration("batch.max_span", Duration::ZERO),
+            max_span,
             max_wait: r.duration("batch.max_wait", Duration::from_millis(1)),
+            hop,
+            grace: r.duration("batch.grace", Duration::ZERO),
+            idle: r.duration("batch.idle", Duration::from_millis(1)),
+            late: match r.one_of("batch.late", &["dlq", "drop"]).as_str() {
+                "drop" => LateSetting::Drop,
+                _ => LateSetting::Dlq,
+            },
+            max_buffered: r.int("batch.max_buffered", 1) as usize,
         };
         let analysis = AnalysisSettings {
             slices: r.slices("analysis.slices"),
             top: r.int("analysis.top", 1) as usize,
         };
         let (required, timestamp_required) = r.required("events.required");
+        if mode == BatchMode::Window && !timestamp_required {
+            r.problem(
+                "events.required",
+                "must include \"timestamp\" in window mode (batch.mode = \"window\"): an event without a time has no window",
+            );
+        }
         let events = EventSettings {
             required,
             timestamp_required,
+            max_future: r.duration("events.max_future", Duration::ZERO),
         };
         let log_path = r.string("metrics_log.path");
         let metrics_log = MetricsLogSettings {
@@ -371,16 +455,21 @@ impl Settings {
                 .join(",")
         };
         format!(
-            "brokers={} group={} input={} output={} dlq={} compression={} batch(max_events={} max_span={} max_wait={}) slices=[{}] top={} required=[{}] metrics_log={} pseudonymize=[{}] consumer=[{}] producer=[{}]",
+            "brokers={} group={} input={} output={} dlq={} compression={} batch(mode={} max_events={} max_span={} max_wait={} grace={}) slices=[{}] top={} required=[{}] metrics_log={} pseudonymize=[{}] consumer=[{}] producer=[{}]",
             self.kafka.bootstrap_servers,
             self.kafka.group_id,
             self.kafka.input_topic,
             self.kafka.output_topic,
             if self.kafka.dlq_topic.is_empty() { "-" } else { &self.kafka.dlq_topic },
             self.kafka.compression,
+            match self.batch.mode {
+                BatchMode::Window => "window",
+                BatchMode::Arrival => "arrival",
+            },
             self.batch.max_events,
             humantime::format_duration(self.batch.max_span),
             humantime::format_duration(self.batch.max_wait),
+            humantime::format_duration(self.batch.grace),
             slices.join(" "),
             self.analysis.top,
             self.events

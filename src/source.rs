@@ -1,14 +1,20 @@
-//! The source: consuming `user-login`, parsing, batching, committing.
+//! The source: consuming `user-login` on one thread that owns the consumer.
 //!
-//! One thread owns the consumer. It polls, parses each message into the open
-//! batch, hands closed batches to the sink task (a bounded channel, so
-//! consumption overlaps the analysis and delivery of the previous batch), and
-//! commits each batch once the sink reports it delivered. Keeping every
-//! consumer call on this thread is what makes revocation simple: librdkafka
-//! calls the rebalance callback from inside `poll` on this same thread, and
-//! the callback closes the open batch (`closed_by = rebalance`), waits until
-//! every batch in flight is delivered, and commits synchronously before the
-//! partitions are given up.
+//! The thread polls, parses each message ([`crate::event`]), hands it to the
+//! grouping of the configured mode — event-time windows ([`crate::window`])
+//! or arrival batches ([`crate::batch`]) — sends the resulting [`Work`] to
+//! delivery (a bounded channel, so consumption overlaps the delivery of the
+//! previous work), and commits each work once delivery acknowledges it
+//! ([`crate::offsets::Ledger`]).
+//!
+//! Keeping every consumer call on this thread is what makes revocation
+//! simple: librdkafka calls the rebalance callback from inside `poll` on this
+//! same thread. On revocation, arrival mode closes the open batch
+//! (`closed_by = rebalance`); window mode hands over only its pending dead
+//! letters and forgets its open windows, whose offsets were never committed.
+//! Then every work in flight is delivered and committed before the partitions
+//! are given up. On assignment, window mode restores each partition's
+//! checkpoint from the committed offset's metadata.
 
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
@@ -20,33 +26,23 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::statistics::Statistics;
+use rdkafka::TopicPartitionList;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::batch::{Batch, Batcher, CloseReason, Coord, SourceRange};
-use crate::commit;
+use crate::batch::{Batcher, CloseReason, Coord, Work};
+use crate::delivery::Ack;
 use crate::event::{self, Requirements};
-use crate::pipeline::Progress;
+use crate::offsets::{self, Ledger};
 use crate::settings::KafkaSettings;
-use crate::telemetry::{self, Health, LogLimit};
+use crate::telemetry::{self, Health, LogLimit, Progress};
+use crate::window::{Flow, Windower};
 
-/// What the sink reports back for each batch, in batch order.
-#[derive(Debug)]
-pub enum Ack {
-    /// Packet and dead letters acknowledged, packet in the metrics log.
-    Delivered {
-        sources: Vec<SourceRange>,
-        messages: u64,
-    },
-    /// The batch could not be delivered; nothing more may be committed.
-    Failed(String),
-}
-
-/// Commit attempts per batch; shutdown and revocation use the same.
-const COMMIT_ATTEMPTS: u32 = 5;
 /// Longest blocking poll, so shutdown and deadlines are seen promptly.
 const MAX_POLL: Duration = Duration::from_millis(100);
+/// How long reading a partition's committed checkpoint may take on assignment.
+const CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Builds the librdkafka consumer configuration.
 pub fn consumer_config(k: &KafkaSettings) -> ClientConfig {
@@ -133,6 +129,9 @@ impl ConsumerContext for SourceContext {
                     .map(|e| format!("{}/{}", e.topic(), e.partition()))
                     .collect();
                 info!(partitions = %parts.join(","), "partitions assigned");
+                if let Some(driver) = self.driver.lock().expect("driver lock").as_mut() {
+                    driver.on_assign(consumer, tpl);
+                }
                 self.progress.first_assigned.get_or_init(Instant::now);
                 let n = consumer
                     .assignment()
@@ -150,157 +149,293 @@ impl ConsumerContext for SourceContext {
     }
 }
 
+/// How messages become work: the mode's grouping.
+pub enum Grouping {
+    Arrival(Batcher),
+    Window(Windower),
+}
+
 /// The state of the consumer thread.
 pub struct Driver {
-    batcher: Batcher,
+    grouping: Grouping,
     requirements: Requirements,
-    to_sink: Option<mpsc::Sender<Batch>>,
-    acks: std_mpsc::Receiver<Ack>,
-    in_flight: usize,
-    closed: Vec<Batch>,
+    max_future_ms: Option<i64>,
+    to_delivery: Option<mpsc::Sender<Work>>,
+    ledger: Ledger,
+    ready: Vec<Work>,
     progress: Arc<Progress>,
-    failure: Option<String>,
     invalid_log: LogLimit,
+    late_seen: u64,
+    replayed_seen: u64,
 }
 
 impl Driver {
     pub fn new(
-        batcher: Batcher,
+        grouping: Grouping,
         requirements: Requirements,
-        to_sink: mpsc::Sender<Batch>,
+        max_future: Option<Duration>,
+        to_delivery: mpsc::Sender<Work>,
         acks: std_mpsc::Receiver<Ack>,
         progress: Arc<Progress>,
     ) -> Driver {
         Driver {
-            batcher,
+            grouping,
             requirements,
-            to_sink: Some(to_sink),
-            acks,
-            in_flight: 0,
-            closed: Vec::new(),
+            max_future_ms: max_future.map(|d| d.as_millis().min(i64::MAX as u128) as i64),
+            to_delivery: Some(to_delivery),
+            ledger: Ledger::new(acks, progress.clone()),
+            ready: Vec::new(),
             progress,
-            failure: None,
             invalid_log: LogLimit::new("invalid messages", 10, Duration::from_secs(60)),
+            late_seen: 0,
+            replayed_seen: 0,
         }
     }
 
     fn poll_timeout(&self, now: Instant) -> Duration {
-        match self.batcher.deadline() {
+        let deadline = match &self.grouping {
+            Grouping::Arrival(b) => b.deadline(),
+            Grouping::Window(w) => w.deadline(),
+        };
+        match deadline {
             Some(d) => d.saturating_duration_since(now).min(MAX_POLL),
             None => MAX_POLL,
         }
     }
 
+    /// Refreshes the wall-clock bound on event time (`events.max_future`).
+    fn refresh_clock(&mut self) {
+        if let Some(ahead) = self.max_future_ms {
+            self.requirements.not_after_ms =
+                Some(chrono::Utc::now().timestamp_millis().saturating_add(ahead));
+        }
+    }
+
     fn on_message(&mut self, m: &BorrowedMessage<'_>, now: Instant) {
-        let coord = Coord {
-            topic: m.topic(),
-            partition: m.partition(),
-            offset: m.offset(),
-        };
+        let (topic, partition, offset) = (m.topic(), m.partition(), m.offset());
         let payload = m.payload().unwrap_or_default();
         self.progress.messages.fetch_add(1, Ordering::Relaxed);
         match event::parse(payload, &self.requirements) {
-            Ok(ev) => self.batcher.push_event(coord, &ev, now, &mut self.closed),
+            Ok(ev) => match &mut self.grouping {
+                Grouping::Arrival(b) => {
+                    let coord = Coord {
+                        topic,
+                        partition,
+                        offset,
+                    };
+                    let mut closed = Vec::new();
+                    b.push_event(coord, &ev, now, &mut closed);
+                    self.ready
+                        .extend(closed.into_iter().map(Work::from_arrival));
+                }
+                Grouping::Window(w) => {
+                    w.push_event(partition, offset, m.key(), payload, &ev, now);
+                }
+            },
             Err(err) => {
                 self.progress.count_invalid(err.kind);
                 if self.invalid_log.allow() {
                     warn!(
                         kind = %err.kind,
                         reason = %err.reason,
-                        topic = coord.topic,
-                        partition = coord.partition,
-                        offset = coord.offset,
+                        topic,
+                        partition,
+                        offset,
                         "invalid message sent to the dead-letter topic"
                     );
                 }
-                self.batcher
-                    .push_invalid(coord, m.key(), payload, err, now, &mut self.closed);
+                match &mut self.grouping {
+                    Grouping::Arrival(b) => {
+                        let coord = Coord {
+                            topic,
+                            partition,
+                            offset,
+                        };
+                        let mut closed = Vec::new();
+                        b.push_invalid(coord, m.key(), payload, err, now, &mut closed);
+                        self.ready
+                            .extend(closed.into_iter().map(Work::from_arrival));
+                    }
+                    Grouping::Window(w) => {
+                        w.push_invalid(partition, offset, m.key(), payload, err, now)
+                    }
+                }
             }
         }
     }
 
-    /// Sends closed batches to the sink, in order.
+    /// Applies the wall-clock rules and collects the work that is ready; in
+    /// window mode also applies pause and resume changes to the consumer.
+    fn tick<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, now: Instant) {
+        match &mut self.grouping {
+            Grouping::Arrival(b) => {
+                if let Some(batch) = b.poll_expired(now) {
+                    self.ready.push(Work::from_arrival(batch));
+                }
+            }
+            Grouping::Window(w) => {
+                w.poll(now);
+                if let Some(work) = w.take_work(now, false) {
+                    self.ready.push(work);
+                }
+                let flows = w.take_flows();
+                if !flows.is_empty() {
+                    apply_flows(consumer, w, &flows);
+                }
+                let (late, replayed) = (w.late_total(), w.replayed_total());
+                if late > self.late_seen {
+                    let n = late - self.late_seen;
+                    metrics::counter!(telemetry::EVENTS_LATE).increment(n);
+                    self.progress.late.fetch_add(n, Ordering::Relaxed);
+                    self.late_seen = late;
+                }
+                if replayed > self.replayed_seen {
+                    metrics::counter!(telemetry::EVENTS_REPLAYED)
+                        .increment(replayed - self.replayed_seen);
+                    self.replayed_seen = replayed;
+                }
+                self.progress
+                    .open_windows
+                    .store(w.open_windows() as u64, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Sends ready work to delivery, in order.
     fn dispatch(&mut self) {
-        for batch in self.closed.drain(..) {
-            let Some(tx) = &self.to_sink else {
+        for work in self.ready.drain(..) {
+            let Some(tx) = &self.to_delivery else {
                 break;
             };
-            metrics::counter!(telemetry::BATCHES, "closed_by" => batch.closed_by.as_str())
-                .increment(1);
-            metrics::histogram!(telemetry::BATCH_EVENTS).record(batch.valid() as f64);
-            debug!(
-                seq = batch.seq,
-                valid = batch.valid(),
-                invalid = batch.invalid.len(),
-                closed_by = batch.closed_by.as_str(),
-                "batch closed"
-            );
-            if tx.blocking_send(batch).is_err() {
-                self.failure
-                    .get_or_insert_with(|| "the sink stopped unexpectedly".to_string());
+            for batch in &work.batches {
+                metrics::counter!(telemetry::BATCHES, "closed_by" => batch.closed_by.as_str())
+                    .increment(1);
+                metrics::histogram!(telemetry::BATCH_EVENTS).record(batch.valid() as f64);
+                debug!(
+                    seq = batch.seq,
+                    window = ?batch.window,
+                    valid = batch.valid(),
+                    closed_by = batch.closed_by.as_str(),
+                    "batch closed"
+                );
+            }
+            if tx.blocking_send(work).is_err() {
+                self.ledger
+                    .fail("delivery stopped before it took the next work");
                 break;
             }
-            self.in_flight += 1;
+            self.ledger.sent();
         }
-        self.closed.clear();
+        self.ready.clear();
     }
 
-    /// Commits every batch the sink has acknowledged; with `wait`, waits for all in flight.
-    fn settle<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, wait: bool) {
-        while self.in_flight > 0 && self.failure.is_none() {
-            let ack = if wait {
-                match self.acks.recv() {
-                    Ok(a) => a,
-                    Err(_) => {
-                        self.failure = Some("the sink stopped unexpectedly".into());
-                        break;
-                    }
-                }
-            } else {
-                match self.acks.try_recv() {
-                    Ok(a) => a,
-                    Err(std_mpsc::TryRecvError::Empty) => break,
-                    Err(std_mpsc::TryRecvError::Disconnected) => {
-                        self.failure = Some("the sink stopped unexpectedly".into());
-                        break;
-                    }
-                }
-            };
-            self.in_flight -= 1;
-            match ack {
-                Ack::Delivered { sources, messages } => {
-                    if commit::commit(consumer, &sources, COMMIT_ATTEMPTS) {
-                        self.progress
-                            .committed_messages
-                            .fetch_add(messages, Ordering::Relaxed);
-                        metrics::counter!(telemetry::COMMITTED).increment(messages);
-                    }
-                }
-                Ack::Failed(reason) => self.failure = Some(reason),
-            }
-        }
-    }
-
-    fn close_and_settle<C: ConsumerContext>(
+    /// Hands over what must not wait (arrival mode: the open batch, closed
+    /// for `reason`; window mode: pending dead letters, never an open window),
+    /// then delivers and commits everything in flight.
+    fn drain<C: ConsumerContext>(
         &mut self,
         consumer: &BaseConsumer<C>,
         reason: CloseReason,
+        now: Instant,
     ) {
-        if self.failure.is_none() {
-            self.closed.extend(self.batcher.close(reason));
+        if self.ledger.failure().is_none() {
+            match &mut self.grouping {
+                Grouping::Arrival(b) => {
+                    if let Some(batch) = b.close(reason) {
+                        self.ready.push(Work::from_arrival(batch));
+                    }
+                }
+                Grouping::Window(w) => {
+                    if let Some(work) = w.take_work(now, true) {
+                        self.ready.push(work);
+                    }
+                }
+            }
             self.dispatch();
         }
-        self.settle(consumer, true);
+        self.ledger.settle(consumer, true);
     }
 
     fn on_revoke<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) {
-        self.close_and_settle(consumer, CloseReason::Rebalance);
+        self.drain(consumer, CloseReason::Rebalance, Instant::now());
+        if let Grouping::Window(w) = &mut self.grouping {
+            w.reset();
+            metrics::gauge!(telemetry::PARTITIONS_PAUSED).set(0.0);
+        }
+    }
+
+    /// Window mode: restores each assigned partition's checkpoint.
+    fn on_assign<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        tpl: &TopicPartitionList,
+    ) {
+        let Grouping::Window(w) = &mut self.grouping else {
+            return;
+        };
+        let now = Instant::now();
+        let mut by_topic: Vec<(String, Vec<i32>)> = Vec::new();
+        for e in tpl.elements() {
+            match by_topic.iter_mut().find(|(t, _)| t == e.topic()) {
+                Some((_, ps)) => ps.push(e.partition()),
+                None => by_topic.push((e.topic().to_string(), vec![e.partition()])),
+            }
+        }
+        for (topic, partitions) in by_topic {
+            match offsets::committed_checkpoints(consumer, &topic, &partitions, CHECKPOINT_TIMEOUT)
+            {
+                Ok(found) => {
+                    for (p, cp) in found {
+                        if let Some(c) = &cp {
+                            info!(topic = %topic, partition = p, offset = c.offset, progress_ms = ?c.progress_ms, "window checkpoint restored");
+                        }
+                        w.assign(p, cp, now);
+                    }
+                }
+                Err(e) => {
+                    // Without the checkpoint, lateness could be judged
+                    // differently from the original run: stop rather than guess.
+                    self.ledger.fail(format!(
+                        "cannot read the committed checkpoints of {topic}: {e}"
+                    ));
+                }
+            }
+        }
     }
 }
 
+fn apply_flows<C: ConsumerContext>(consumer: &BaseConsumer<C>, w: &Windower, flows: &[Flow]) {
+    let Some(topic) = consumer
+        .assignment()
+        .ok()
+        .and_then(|a| a.elements().first().map(|e| e.topic().to_string()))
+    else {
+        return;
+    };
+    for f in flows {
+        let mut tpl = TopicPartitionList::new();
+        let (p, pause) = match *f {
+            Flow::Pause(p) => (p, true),
+            Flow::Resume(p) => (p, false),
+        };
+        tpl.add_partition(&topic, p);
+        let result = if pause {
+            consumer.pause(&tpl)
+        } else {
+            consumer.resume(&tpl)
+        };
+        match result {
+            Ok(()) => debug!(partition = p, pause, "partition flow changed"),
+            Err(e) => warn!(partition = p, pause, error = %e, "cannot change a partition's flow"),
+        }
+    }
+    metrics::gauge!(telemetry::PARTITIONS_PAUSED).set(w.paused().len() as f64);
+}
+
 /// Runs the consumer loop on the current (blocking) thread until `shutdown`
-/// or a delivery failure. At shutdown the open batch is closed, delivered and
-/// committed before this returns.
+/// or a delivery failure. At shutdown, arrival mode delivers and commits its
+/// open batch; window mode delivers what is pending and leaves open windows
+/// uncommitted.
 pub fn consume(
     k: &KafkaSettings,
     driver: Driver,
@@ -324,6 +459,10 @@ pub fn consume(
 
     // One clock read per turn: the loop runs once per message.
     let mut timeout = MAX_POLL;
+    let mut clock_at = Instant::now();
+    if let Some(d) = lock(&consumer).as_mut() {
+        d.refresh_clock();
+    }
     while !shutdown.is_cancelled() {
         let polled = consumer.poll(timeout);
         let now = Instant::now();
@@ -332,6 +471,10 @@ pub fn consume(
         let Some(driver) = guard.as_mut() else {
             break;
         };
+        if now.duration_since(clock_at) >= Duration::from_secs(1) {
+            driver.refresh_clock();
+            clock_at = now;
+        }
         match polled {
             Some(Ok(m)) => driver.on_message(&m, now),
             Some(Err(e)) if consumer.context().errors.allow() => {
@@ -339,24 +482,24 @@ pub fn consume(
             }
             Some(Err(_)) | None => {}
         }
-        driver.closed.extend(driver.batcher.poll_expired(now));
+        driver.tick(&consumer, now);
         driver.dispatch();
-        driver.settle(&consumer, false);
-        if let Some(reason) = &driver.failure {
-            error!(reason = %reason, "stopping: a batch could not be delivered and is not committed");
+        driver.ledger.settle(&consumer, false);
+        if let Some(reason) = driver.ledger.failure() {
+            error!(reason = %reason, "stopping: work could not be delivered and is not committed");
             break;
         }
         timeout = driver.poll_timeout(now);
     }
 
     let mut driver = lock(&consumer).take().expect("driver present until here");
-    driver.close_and_settle(&consumer, CloseReason::Shutdown);
-    driver.to_sink = None;
+    driver.drain(&consumer, CloseReason::Shutdown, Instant::now());
+    driver.to_delivery = None;
     health.stopped();
-    match driver.failure {
-        Some(reason) => Err(reason),
+    match driver.ledger.failure() {
+        Some(reason) => Err(reason.to_string()),
         None => {
-            info!("all batches delivered and committed");
+            info!("all work delivered and committed");
             Ok(())
         }
     }

@@ -19,6 +19,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::event::ErrorKind;
 use crate::settings::{LogFormat, LogSettings};
 
 pub const MESSAGES: &str = "login_metrics_messages_consumed_total";
@@ -38,6 +39,55 @@ pub const COMMITTED: &str = "login_metrics_messages_committed_total";
 pub const CONSUMER_LAG: &str = "login_metrics_consumer_lag";
 pub const UPTIME: &str = "login_metrics_uptime_seconds";
 pub const BUILD_INFO: &str = "login_metrics_build_info";
+pub const EVENTS_LATE: &str = "login_metrics_events_late_total";
+pub const EVENTS_REPLAYED: &str = "login_metrics_events_replayed_total";
+pub const WINDOWS_OPEN: &str = "login_metrics_windows_open";
+pub const EVENTS_BUFFERED: &str = "login_metrics_window_events_buffered";
+pub const PARTITIONS_PAUSED: &str = "login_metrics_partitions_paused";
+pub const WATERMARK: &str = "login_metrics_watermark_seconds";
+
+/// Counters of one run, shared with whoever watches it.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Input messages consumed, valid or not.
+    pub messages: AtomicU64,
+    pub invalid: AtomicU64,
+    invalid_by_kind: [AtomicU64; ErrorKind::ALL.len()],
+    /// Window mode: valid events whose windows had all closed.
+    pub late: AtomicU64,
+    pub packets: AtomicU64,
+    pub packet_bytes: AtomicU64,
+    /// Messages whose work is delivered and whose offsets are committed.
+    pub committed_messages: AtomicU64,
+    /// Window mode: windows open now.
+    pub open_windows: AtomicU64,
+    /// Total consumer lag from the latest librdkafka statistics.
+    pub lag: AtomicI64,
+    /// When partitions were first assigned (the group join is over).
+    pub first_assigned: OnceLock<Instant>,
+}
+
+impl Progress {
+    pub(crate) fn count_invalid(&self, kind: ErrorKind) {
+        self.invalid.fetch_add(1, Ordering::Relaxed);
+        if let Some(c) = self.invalid_by_kind.get(kind as usize) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn invalid_by_kind(&self) -> Vec<(ErrorKind, u64)> {
+        ErrorKind::ALL
+            .iter()
+            .map(|k| {
+                (
+                    *k,
+                    self.invalid_by_kind[*k as usize].load(Ordering::Relaxed),
+                )
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+}
 
 /// Installs the tracing subscriber. `RUST_LOG`, when set, overrides `log.level`.
 pub fn init_logging(log: &LogSettings) {
@@ -127,6 +177,28 @@ fn describe() {
         "Messages behind the partition's high watermark (librdkafka statistics)."
     );
     describe_gauge!(UPTIME, Unit::Seconds, "Seconds since the process started.");
+    describe_counter!(
+        EVENTS_LATE,
+        "Window mode: valid events whose windows had all closed (late)."
+    );
+    describe_counter!(
+        EVENTS_REPLAYED,
+        "Window mode: events re-read after a restart whose window was already emitted."
+    );
+    describe_gauge!(WINDOWS_OPEN, "Window mode: event-time windows open now.");
+    describe_gauge!(
+        EVENTS_BUFFERED,
+        "Window mode: valid events held in open windows."
+    );
+    describe_gauge!(
+        PARTITIONS_PAUSED,
+        "Window mode: partitions paused because they run ahead of the slowest."
+    );
+    describe_gauge!(
+        WATERMARK,
+        Unit::Seconds,
+        "Window mode: the watermark (every active partition's event time minus grace), epoch seconds."
+    );
     describe_gauge!(BUILD_INFO, "Always 1; the version label names the build.");
 }
 

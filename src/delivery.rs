@@ -1,0 +1,177 @@
+//! Delivery: from closed work to acknowledged output.
+//!
+//! For each [`Work`], in order: analyze every batch with Polars (on the
+//! blocking pool, so the runtime never stalls), build its packet, publish the
+//! packets and dead letters and wait for every acknowledgement, append the
+//! packets to the metrics log, then acknowledge the work to the consumer
+//! thread, which commits its offsets ([`crate::offsets::Ledger`]). A work that
+//! cannot be delivered is reported with its reason and ends delivery: nothing
+//! after it may be committed.
+
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::Context;
+use chrono::Utc;
+use tokio::sync::mpsc;
+use tracing::{error, info};
+
+use crate::analysis;
+use crate::batch::{Columns, CommitPoint, Work};
+use crate::event::ErrorKind;
+use crate::metrics_log::MetricsLog;
+use crate::packet::{self, Identity, Packet};
+use crate::privacy::Pseudonymizer;
+use crate::settings::Settings;
+use crate::sink::{OutRecord, Publisher};
+use crate::telemetry::{self, Progress};
+
+/// What delivery reports back for each work, in order.
+#[derive(Debug)]
+pub enum Ack {
+    /// Packets and dead letters acknowledged, packets in the metrics log.
+    Delivered {
+        commit: Vec<CommitPoint>,
+        messages: u64,
+    },
+    /// The work could not be delivered; nothing more may be committed.
+    Failed(String),
+}
+
+pub type PacketHook = Arc<dyn Fn(&Packet) + Send + Sync>;
+
+/// The delivery stage's state.
+pub struct Delivery {
+    pub settings: Arc<Settings>,
+    pub publisher: Arc<Publisher>,
+    pub metrics_log: Option<Arc<Mutex<MetricsLog>>>,
+    pub privacy: Pseudonymizer,
+    pub identity: Identity,
+    pub progress: Arc<Progress>,
+    pub on_packet: Option<PacketHook>,
+}
+
+impl Delivery {
+    /// Delivers work until the channel closes or a work fails.
+    pub async fn run(self, mut works: mpsc::Receiver<Work>, acks: std_mpsc::Sender<Ack>) {
+        while let Some(work) = works.recv().await {
+            let ack = match self.handle(work).await {
+                Ok(ack) => ack,
+                Err(e) => {
+                    let reason = format!("{e:#}");
+                    error!(error = %reason, "work not delivered; its offsets will not be committed");
+                    let _ = acks.send(Ack::Failed(reason));
+                    return;
+                }
+            };
+            if acks.send(ack).is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn handle(&self, work: Work) -> anyhow::Result<Ack> {
+        let Work {
+            batches,
+            dead_letters,
+            commit,
+            messages,
+            ..
+        } = work;
+        let analysed = Instant::now();
+        let (settings, privacy, identity) = (
+            self.settings.clone(),
+            self.privacy.clone(),
+            self.identity.clone(),
+        );
+        let built: Vec<(Packet, String, Option<i64>)> = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::with_capacity(batches.len());
+            for mut batch in batches {
+                let reports = analysis::analyze(
+                    &batch.columns,
+                    &settings.analysis.slices,
+                    settings.analysis.top,
+                )?;
+                let packet = packet::build(&batch, &reports, &privacy, &identity, Utc::now());
+                let json = packet.to_json();
+                // The columns are the bulk of a batch; free them before delivery.
+                batch.columns = Columns::default();
+                let ts_max = batch.ts_max_ms;
+                out.push((packet, json, ts_max));
+            }
+            anyhow::Ok(out)
+        })
+        .await??;
+        if !built.is_empty() {
+            metrics::histogram!(telemetry::ANALYSIS_SECONDS)
+                .record(analysed.elapsed().as_secs_f64());
+        }
+
+        let k = &self.settings.kafka;
+        let mut records = Vec::with_capacity(built.len() + dead_letters.len());
+        let output: Arc<str> = Arc::from(k.output_topic.as_str());
+        for (packet, json, _) in &built {
+            records.push(OutRecord {
+                topic: output.clone(),
+                key: Some(packet.packet_id.clone().into_bytes()),
+                payload: Arc::from(json.as_bytes()),
+                headers: vec![("content-type", b"application/json".to_vec())],
+            });
+        }
+        if !k.dlq_topic.is_empty() {
+            let dlq: Arc<str> = Arc::from(k.dlq_topic.as_str());
+            records.extend(dead_letters.iter().map(|m| OutRecord::dead_letter(&dlq, m)));
+        }
+        if !records.is_empty() {
+            let what = built
+                .first()
+                .map(|(p, _, _)| format!("packet {}", p.packet_id))
+                .unwrap_or_else(|| format!("{} dead letters", dead_letters.len()));
+            self.publisher.deliver(&records).await.context(what)?;
+        }
+
+        if let (Some(log), false) = (&self.metrics_log, built.is_empty()) {
+            let log = log.clone();
+            let lines: Vec<String> = built.iter().map(|(_, json, _)| json.clone()).collect();
+            tokio::task::spawn_blocking(move || {
+                let mut log = log.lock().expect("metrics log lock");
+                lines.iter().try_for_each(|l| log.append(l))
+            })
+            .await?
+            .context("cannot append to the metrics log")?;
+        }
+
+        metrics::counter!(telemetry::MESSAGES).increment(messages);
+        // Late events are counted where they are judged, on the consumer thread.
+        for m in dead_letters.iter().filter(|m| m.kind != ErrorKind::Late) {
+            metrics::counter!(telemetry::EVENTS_INVALID, "kind" => m.kind.as_str()).increment(1);
+        }
+        if !k.dlq_topic.is_empty() {
+            metrics::counter!(telemetry::DEAD_LETTERS).increment(dead_letters.len() as u64);
+        }
+        for (packet, json, _) in &built {
+            metrics::counter!(telemetry::EVENTS_VALID).increment(packet.events.valid);
+            metrics::counter!(telemetry::PACKETS).increment(1);
+            metrics::counter!(telemetry::PACKET_BYTES).increment(json.len() as u64);
+            self.progress.packets.fetch_add(1, Ordering::Relaxed);
+            self.progress
+                .packet_bytes
+                .fetch_add(json.len() as u64, Ordering::Relaxed);
+            info!(
+                packet_id = %packet.packet_id,
+                window_start = packet.window.start.as_deref().unwrap_or("-"),
+                valid = packet.events.valid,
+                invalid = packet.events.invalid,
+                late = packet.events.late.unwrap_or(0),
+                bytes = json.len(),
+                closed_by = %packet.window.closed_by,
+                "packet published"
+            );
+            if let Some(hook) = &self.on_packet {
+                hook(packet);
+            }
+        }
+        Ok(Ack::Delivered { commit, messages })
+    }
+}
