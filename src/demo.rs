@@ -1,7 +1,7 @@
 //! `demo` and `generate`: filling a topic with generated events, and the
 //! self-contained demo on librdkafka's in-process mock cluster.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::IsTerminal;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -19,7 +19,7 @@ use tracing::info;
 use crate::generator::{Generator, GeneratorConfig};
 use crate::packet::Packet;
 use crate::pipeline::{Pipeline, RunSummary};
-use crate::settings::Settings;
+use crate::settings::{BatchMode, Settings};
 
 /// A progress display: a bar on a terminal, a plain line every few seconds otherwise.
 pub struct Meter {
@@ -169,22 +169,27 @@ pub async fn ensure_topic(bootstrap: &str, topic: &str, partitions: i32) -> anyh
     Ok(())
 }
 
-/// The largest duplicate groups seen in any one batch, per slice.
+/// The most repeated combinations of the whole run, per slice: each key's
+/// counts summed over the packets that report it (one row per key).
 #[derive(Debug, Default)]
 struct TopRows {
-    /// slice name → (count, values) rows, best first.
-    slices: BTreeMap<Vec<String>, Vec<(u64, Vec<String>)>>,
+    /// slice → values → summed count.
+    slices: BTreeMap<Vec<String>, HashMap<Vec<String>, u64>>,
     dup_groups: BTreeMap<Vec<String>, u64>,
+    windows: BTreeSet<String>,
 }
 
 const DEMO_TOP: usize = 3;
 
 impl TopRows {
     fn add(&mut self, packet: &Packet) {
+        if let Some(start) = &packet.window.start {
+            self.windows.insert(start.clone());
+        }
         for m in &packet.metrics {
             *self.dup_groups.entry(m.slice.clone()).or_default() += m.duplicate_groups;
             let rows = self.slices.entry(m.slice.clone()).or_default();
-            for d in m.duplicates.iter().take(DEMO_TOP) {
+            for d in &m.duplicates {
                 let count = d.get("count").and_then(|c| c.as_u64()).unwrap_or(0);
                 let values = m
                     .slice
@@ -194,11 +199,17 @@ impl TopRows {
                         _ => "(null)".to_string(),
                     })
                     .collect();
-                rows.push((count, values));
+                *rows.entry(values).or_default() += count;
             }
-            rows.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
-            rows.truncate(DEMO_TOP);
         }
+    }
+
+    /// The `DEMO_TOP` keys of a slice by summed count, then values.
+    fn best(rows: &HashMap<Vec<String>, u64>) -> Vec<(u64, &Vec<String>)> {
+        let mut v: Vec<(u64, &Vec<String>)> = rows.iter().map(|(k, n)| (*n, k)).collect();
+        v.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1)));
+        v.truncate(DEMO_TOP);
+        v
     }
 }
 
@@ -234,6 +245,14 @@ impl std::fmt::Display for DemoReport {
             _ => writeln!(f)?,
         }
         writeln!(f, "  valid             {}", s.valid)?;
+        if !self.top.windows.is_empty() {
+            writeln!(
+                f,
+                "  windows           {} ({} late events)",
+                self.top.windows.len(),
+                s.late
+            )?;
+        }
         let why: Vec<String> = s
             .invalid_by_kind
             .iter()
@@ -252,19 +271,23 @@ impl std::fmt::Display for DemoReport {
             writeln!(f, "  metrics log       {path}")?;
         }
         writeln!(f)?;
-        writeln!(f, "Largest duplicate groups in a single batch, per slice:")?;
+        writeln!(
+            f,
+            "Most repeated combinations of the run, per slice (counts summed over packets):"
+        )?;
         for (slice, rows) in &self.top.slices {
             let total = self.top.dup_groups.get(slice).copied().unwrap_or(0);
             writeln!(
                 f,
-                "  {}  ({} duplicate groups over all batches)",
+                "  {}  ({} duplicate groups over all packets)",
                 slice.join(" + "),
                 total
             )?;
-            if rows.is_empty() {
+            let best = TopRows::best(rows);
+            if best.is_empty() {
                 writeln!(f, "      (none)")?;
             }
-            for (count, values) in rows {
+            for (count, values) in best {
                 writeln!(f, "    {count:>6}  {}", values.join("  "))?;
             }
         }
@@ -293,8 +316,9 @@ pub async fn run_demo(
     info!(brokers = %settings.kafka.bootstrap_servers, "mock cluster started");
 
     let mut cfg = GeneratorConfig::new(seed);
-    // A busy service: 5,000 logins a second of event time.
-    cfg.events_per_sec = 5_000.0;
+    // A busy service: 800 logins a second of event time, so a ten-second
+    // window holds about 8,000 events (under batch.max_events).
+    cfg.events_per_sec = 800.0;
     cfg.start_ms = chrono::Utc::now().timestamp_millis()
         - (events as f64 / cfg.events_per_sec * 1000.0) as i64;
     let mut generator = Generator::new(cfg);
@@ -316,11 +340,20 @@ pub async fn run_demo(
         .as_ref()
         .map(|p| p.display().to_string());
     let dlq_topic = settings.kafka.dlq_topic.clone();
+    let (mode, max_wait) = (settings.batch.mode, settings.batch.max_wait);
     let pipeline = Pipeline::new(settings).on_packet(move |p| top_hook.lock().unwrap().add(p));
     let progress = pipeline.progress();
 
-    // Stop once every produced event has been consumed: shutdown closes the
-    // last batch, delivers and commits it.
+    // Arrival mode stops once every produced event has been consumed (shutdown
+    // closes the last batch, delivers and commits it). Window mode stops once
+    // every offset is committed: the last windows close by batch.max_wait.
+    let windows = mode == BatchMode::Window;
+    if windows {
+        info!(
+            wait = %humantime::format_duration(max_wait),
+            "the last windows close batch.max_wait after their first event"
+        );
+    }
     let shutdown = CancellationToken::new();
     let watcher = {
         let shutdown = shutdown.clone();
@@ -329,7 +362,12 @@ pub async fn run_demo(
             loop {
                 let seen = progress.messages.load(Ordering::Relaxed);
                 meter.set(seen);
-                if seen >= produced || interrupt.is_cancelled() {
+                let done = if windows {
+                    progress.committed_messages.load(Ordering::Relaxed) >= produced
+                } else {
+                    seen >= produced
+                };
+                if done || interrupt.is_cancelled() {
                     meter.finish();
                     shutdown.cancel();
                     return;

@@ -60,6 +60,14 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Serve librdkafka's mock Kafka cluster on loopback until SIGINT or
+    /// SIGTERM: prints its bootstrap servers on the first line of stdout. For
+    /// tests that kill the service while its broker keeps running.
+    MockCluster {
+        /// A topic to create, as NAME:PARTITIONS; repeatable.
+        #[arg(long = "topic")]
+        topics: Vec<String>,
+    },
     /// Print the effective configuration (secrets redacted) and exit.
     Config {
         #[arg(long, short)]
@@ -199,6 +207,32 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, ExitCode> {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Command::MockCluster { topics } => {
+            let cluster = match rdkafka::mocking::MockCluster::new(1) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("login-metrics mock-cluster: {e}");
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
+            for t in &topics {
+                let created = t
+                    .rsplit_once(':')
+                    .and_then(|(name, n)| Some((name, n.parse::<i32>().ok()?)))
+                    .map(|(name, n)| cluster.create_topic(name, n, 1));
+                if !matches!(created, Some(Ok(()))) {
+                    eprintln!(
+                        "login-metrics mock-cluster: cannot create topic `{t}` (NAME:PARTITIONS)"
+                    );
+                    return Ok(ExitCode::from(2));
+                }
+            }
+            println!("{}", cluster.bootstrap_servers());
+            let stop = CancellationToken::new();
+            handle_signals(stop.clone());
+            stop.cancelled().await;
+            ExitCode::SUCCESS
         }
         Command::Generate {
             rate,

@@ -22,7 +22,7 @@ use std::time::Duration;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaResult;
 use rdkafka::{Offset, TopicPartitionList};
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::batch::CommitPoint;
 use crate::delivery::Ack;
@@ -65,6 +65,13 @@ pub fn commit<C: ConsumerContext>(
         match consumer.commit(&tpl, CommitMode::Sync) {
             Ok(()) => {
                 metrics::counter!(telemetry::COMMITS).increment(1);
+                if tracing::enabled!(tracing::Level::DEBUG) {
+                    let list: Vec<String> = points
+                        .iter()
+                        .map(|p| format!("{}:{}", p.partition, p.offset))
+                        .collect();
+                    debug!(offsets = %list.join(","), "offsets committed");
+                }
                 return true;
             }
             Err(e) => {

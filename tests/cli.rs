@@ -115,29 +115,46 @@ fn demo_runs_on_the_mock_cluster_and_leaves_the_metrics_log() {
     assert!(text.contains("events processed  30000"), "{text}");
     assert!(text.contains("user_id + ip"), "{text}");
     let log = std::fs::read_to_string(dir.path().join("login-metrics.log")).unwrap();
-    let valid: u64 = log
+    let packets: Vec<serde_json::Value> = log
         .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["events"]["valid"]
-                .as_u64()
-                .unwrap()
-        })
-        .sum();
-    let invalid: u64 = log
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["events"]["invalid"]
-                .as_u64()
-                .unwrap()
-        })
-        .sum();
-    assert_eq!(
-        valid + invalid,
-        30_000,
-        "every event is in exactly one packet"
-    );
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert!(
-        text.contains(&format!("valid             {valid}")),
+        packets.iter().all(|p| p["window"]["start"].is_string()),
+        "the demo runs window mode"
+    );
+    let valid: u64 = packets
+        .iter()
+        .map(|p| p["events"]["valid"].as_u64().unwrap())
+        .sum();
+    let late = number_after(&text, "late events");
+    let reported_valid = number_after(&text, "valid");
+    assert_eq!(
+        valid + late,
+        reported_valid,
+        "every valid event is in exactly one window or late:\n{text}"
+    );
+    let windows: std::collections::BTreeSet<&str> = packets
+        .iter()
+        .map(|p| p["window"]["start"].as_str().unwrap())
+        .collect();
+    assert!(
+        text.contains(&format!("windows           {} (", windows.len())),
         "{text}"
     );
+}
+
+/// The number on the summary line that starts with `label` (or, for "late
+/// events", the number before it).
+fn number_after(text: &str, label: &str) -> u64 {
+    if label == "late events" {
+        let i = text.find(" late events)").expect("a late count");
+        let start = text[..i].rfind('(').unwrap() + 1;
+        return text[start..i].trim().parse().unwrap();
+    }
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with(label))
+        .unwrap_or_else(|| panic!("no `{label}` line in {text}"));
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }

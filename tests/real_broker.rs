@@ -217,10 +217,12 @@ async fn kill_9_at_random_points_loses_nothing() {
 async fn sigterm_mid_run_flushes_commits_exits_zero_and_a_restart_reprocesses_nothing() {
     let b = broker_with_topics(3).await;
     let dir = tempfile::tempdir().unwrap();
-    // More input than the first run can read in its one second, so the
-    // restart has work left.
-    let (inputs, malformed) = generated_input(44, 10_000, 120_000, 3);
-    let input = produce_input(&b.bootstrap, &inputs, &malformed);
+    // The second half of the input is produced only after the first run has
+    // stopped, so the restart has work left however fast the first run reads.
+    let (inputs, malformed) = generated_input(44, 10_000, 60_000, 3);
+    let half = inputs.len() / 2;
+    produce(&b.bootstrap, INPUT, &inputs[..half]);
+    let input = input_map(&inputs, &malformed);
     let ends = end_offsets(&input, 3);
     // Only shutdown can close a batch in this run: no count, span or wait is reachable.
     let e = env(
@@ -256,6 +258,7 @@ async fn sigterm_mid_run_flushes_commits_exits_zero_and_a_restart_reprocesses_no
     );
 
     assert_ne!(after_first, ends, "the first run stopped mid-input");
+    produce(&b.bootstrap, INPUT, &inputs[half..]);
     let mut second = Service::start(dir.path(), "second", &env(&b, "term", &[]));
     // Ready means the signal handler is installed and partitions are assigned.
     second.wait_ready(READY);

@@ -106,9 +106,11 @@ pub struct Service {
 }
 
 /// Settings every real-broker run uses: a short group-join time on tansu
-/// (it holds a new group's first join for about max.poll.interval.ms).
+/// (it holds a new group's first join for about max.poll.interval.ms), and
+/// arrival mode unless the test sets `BATCH__MODE` again (a later variable wins).
 pub fn service_env(bootstrap: &str, group: &str) -> Vec<(String, String)> {
     [
+        ("BATCH__MODE", "arrival"),
         ("KAFKA__BOOTSTRAP_SERVERS", bootstrap),
         ("KAFKA__GROUP_ID", group),
         ("KAFKA__CONSUMER__MAX_POLL_INTERVAL_MS", "10000"),

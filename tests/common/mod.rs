@@ -26,10 +26,15 @@ pub const INPUT: &str = "user-login";
 pub const OUTPUT: &str = "login-metrics";
 pub const DLQ: &str = "user-login-dlq";
 
-/// Settings for a test run: the defaults, then `overrides` as
-/// `LOGIN_METRICS__...` variables (the same layer operators use).
+/// Settings for a test run: the defaults in arrival mode (the suites written
+/// for arrival batches), then `overrides` as `LOGIN_METRICS__...` variables
+/// (the same layer operators use); `("BATCH__MODE", "window")` selects windows.
 pub fn settings(bootstrap: &str, log: &Path, overrides: &[(&str, &str)]) -> Settings {
     let mut env = vec![
+        (
+            "LOGIN_METRICS__BATCH__MODE".to_string(),
+            "arrival".to_string(),
+        ),
         (
             "LOGIN_METRICS__KAFKA__BOOTSTRAP_SERVERS".to_string(),
             bootstrap.to_string(),
@@ -350,7 +355,7 @@ pub fn packet_rows(p: &Packet, slice_index: usize) -> Rows {
 pub fn assert_schema_valid(packets: &[Value]) {
     let schema: Value =
         serde_json::from_str(include_str!("../../docs/packet.schema.json")).unwrap();
-    let url = "https://login-metrics.dev/schema/packet/v1.json";
+    let url = "https://login-metrics.dev/schema/packet/v2.json";
     let mut compiler = boon::Compiler::new();
     compiler.add_resource(url, schema).unwrap();
     let mut schemas = boon::Schemas::new();
@@ -466,7 +471,22 @@ pub fn generated_input(
 
 /// Produces `inputs` and returns the map by coordinate.
 pub fn produce_input(bootstrap: &str, inputs: &[Input], malformed: &[bool]) -> InputMap {
-    let offsets = produce(bootstrap, INPUT, inputs);
+    produce(bootstrap, INPUT, inputs);
+    input_map(inputs, malformed)
+}
+
+/// The map by coordinate of `inputs` produced in order to an empty topic, in
+/// one call or several.
+pub fn input_map(inputs: &[Input], malformed: &[bool]) -> InputMap {
+    let mut next: HashMap<i32, i64> = HashMap::new();
+    let offsets: Vec<i64> = inputs
+        .iter()
+        .map(|m| {
+            let o = next.entry(m.partition).or_insert(0);
+            *o += 1;
+            *o - 1
+        })
+        .collect();
     inputs
         .iter()
         .zip(&offsets)

@@ -1,0 +1,502 @@
+//! Window mode over TCP: the same input gives the same windows whatever the
+//! timing. Three runs on one input — default fetch settings and 16 KiB
+//! partition fetches against the real test broker (tansu), and a run killed
+//! with SIGKILL three times while its input is still being produced — are
+//! compared with each other and with an oracle that computes windows and
+//! lateness per partition on its own, independently of the code.
+//!
+//! The killed run uses librdkafka's mock cluster, served by
+//! `login-metrics mock-cluster` in a process of its own, because a restart
+//! restores each partition's window checkpoint from the offset commit's
+//! metadata and tansu 0.6 does not keep that metadata (Apache Kafka and the
+//! mock cluster do).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+use std::time::Duration;
+
+use common::broker::{service_env, Broker, Service};
+use common::*;
+use login_metrics::packet::Packet;
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+
+const READY: Duration = Duration::from_secs(60);
+const DONE: Duration = Duration::from_secs(240);
+const PARTITIONS: i32 = 3;
+const SIZE_MS: i64 = 10_000;
+const GRACE_MS: i64 = 5_000;
+
+/// One input message: where it goes and, for a valid event, its event time.
+struct Msg {
+    partition: i32,
+    payload: Vec<u8>,
+    ts_ms: Option<i64>,
+}
+
+/// Generated events with rewritten timestamps: per partition a forward drift,
+/// stragglers within grace and some far beyond it, and malformed messages.
+fn input(seed: u64, per_partition: usize) -> Vec<Msg> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let (inputs, malformed) =
+        generated_input(seed, 2_000, per_partition * PARTITIONS as usize, PARTITIONS);
+    let start = (chrono::Utc::now().timestamp_millis() - 7_200_000) / SIZE_MS * SIZE_MS;
+    let mut clock = [start; PARTITIONS as usize];
+    inputs
+        .into_iter()
+        .zip(malformed)
+        .map(|(inp, bad)| {
+            if bad {
+                return Msg {
+                    partition: inp.partition,
+                    payload: inp.payload,
+                    ts_ms: None,
+                };
+            }
+            let t = &mut clock[inp.partition as usize];
+            *t += rng.gen_range(0..400);
+            let ts = match rng.gen_range(0..100) {
+                0..=9 => *t - rng.gen_range(0..4_500),
+                10..=11 => *t - rng.gen_range(8_000..60_000),
+                _ => *t,
+            };
+            let mut v: Value = serde_json::from_slice(&inp.payload).unwrap();
+            v["timestamp"] = Value::from(ts);
+            Msg {
+                partition: inp.partition,
+                payload: v.to_string().into_bytes(),
+                ts_ms: Some(ts),
+            }
+        })
+        .collect()
+}
+
+/// The oracle's answer: per window start, the (partition, offset) of its
+/// events; the late events; per coordinate, the payload.
+struct Expected {
+    windows: BTreeMap<i64, BTreeSet<(i32, i64)>>,
+    late: BTreeSet<(i32, i64)>,
+    payloads: HashMap<(i32, i64), Vec<u8>>,
+    ends: Vec<i64>,
+}
+
+fn oracle(msgs: &[Msg]) -> Expected {
+    let mut next = vec![0i64; PARTITIONS as usize];
+    let mut progress: Vec<Option<i64>> = vec![None; PARTITIONS as usize];
+    let mut e = Expected {
+        windows: BTreeMap::new(),
+        late: BTreeSet::new(),
+        payloads: HashMap::new(),
+        ends: vec![],
+    };
+    for m in msgs {
+        let p = m.partition as usize;
+        let offset = next[p];
+        next[p] += 1;
+        e.payloads.insert((m.partition, offset), m.payload.clone());
+        let Some(ts) = m.ts_ms else { continue };
+        let start = ts.div_euclid(SIZE_MS) * SIZE_MS;
+        if progress[p].is_some_and(|pr| start + SIZE_MS <= pr - GRACE_MS) {
+            e.late.insert((m.partition, offset));
+        } else {
+            e.windows
+                .entry(start)
+                .or_default()
+                .insert((m.partition, offset));
+        }
+        progress[p] = Some(progress[p].map_or(ts, |pr| pr.max(ts)));
+    }
+    e.ends = next;
+    e
+}
+
+fn produce_msgs(bootstrap: &str, topic: &str, msgs: &[Msg]) {
+    let inputs: Vec<Input> = msgs
+        .iter()
+        .map(|m| input_of(m.partition, m.payload.clone()))
+        .collect();
+    produce(bootstrap, topic, &inputs);
+}
+
+fn input_of(partition: i32, payload: Vec<u8>) -> Input {
+    common::input(partition, payload)
+}
+
+/// What one run published: packets by window start (every copy, in topic
+/// order), and the dead letters' coordinates by error kind.
+struct Published {
+    packets: BTreeMap<i64, Vec<Packet>>,
+    dead: Vec<(String, i32, i64)>,
+}
+
+fn published(bootstrap: &str, output: &str, dlq: &str) -> Published {
+    let mut reads = read_all(bootstrap, output);
+    reads.sort_by_key(|r| r.offset);
+    let mut packets: BTreeMap<i64, Vec<Packet>> = BTreeMap::new();
+    for r in reads {
+        let p: Packet = serde_json::from_slice(&r.payload).expect("packet");
+        let start =
+            chrono::DateTime::parse_from_rfc3339(p.window.start.as_deref().expect("window mode"))
+                .unwrap()
+                .timestamp_millis();
+        packets.entry(start).or_default().push(p);
+    }
+    let dead = read_all(bootstrap, dlq)
+        .into_iter()
+        .map(|d| {
+            (
+                d.headers["error.kind"].clone(),
+                d.headers["source.partition"].parse().unwrap(),
+                d.headers["source.offset"].parse().unwrap(),
+            )
+        })
+        .collect();
+    Published { packets, dead }
+}
+
+/// A packet without what legitimately differs between runs of different
+/// groups or at different times: the id and the emission time.
+fn content(p: &Packet) -> Value {
+    let mut v = serde_json::to_value(p).unwrap();
+    v.as_object_mut().unwrap().remove("packet_id");
+    v.as_object_mut().unwrap().remove("emitted_at");
+    v
+}
+
+/// Checks one run against the oracle; returns each window's content.
+fn check_run(name: &str, run: &Published, expected: &Expected) -> BTreeMap<i64, Value> {
+    let slices = default_slices();
+    let starts: Vec<i64> = run.packets.keys().copied().collect();
+    let want: Vec<i64> = expected.windows.keys().copied().collect();
+    assert_eq!(starts, want, "{name}: the windows published");
+    let mut out = BTreeMap::new();
+    for (start, copies) in &run.packets {
+        let first = &copies[0];
+        for c in copies {
+            assert_eq!(c.packet_id, first.packet_id, "{name}: one id per window");
+            assert_eq!(
+                content(c),
+                content(first),
+                "{name}: a replayed packet carries the same content"
+            );
+        }
+        assert_eq!(first.window.pane, Some(0));
+        assert!(
+            matches!(first.window.closed_by.as_str(), "watermark" | "wait"),
+            "{name}: {}",
+            first.window.closed_by
+        );
+        let events: Vec<Value> = expected.windows[start]
+            .iter()
+            .map(|c| serde_json::from_slice(&expected.payloads[c]).unwrap())
+            .collect();
+        assert_eq!(
+            first.events.valid,
+            events.len() as u64,
+            "{name}: valid in window {start}"
+        );
+        for (i, slice) in slices.iter().enumerate() {
+            let (groups, dup_groups, mut rows) = naive_counts(&events, slice);
+            let m = &first.metrics[i];
+            assert_eq!(
+                (m.groups, m.duplicate_groups),
+                (groups, dup_groups),
+                "{name}: {slice:?} in {start}"
+            );
+            rows.truncate(100);
+            assert_eq!(
+                packet_rows(first, i),
+                rows,
+                "{name}: rows of {slice:?} in {start}"
+            );
+        }
+        // The sources are the offset ranges of the window's own events.
+        for s in &first.sources {
+            let offs: Vec<i64> = expected.windows[start]
+                .iter()
+                .filter(|(p, _)| *p == s.partition)
+                .map(|(_, o)| *o)
+                .collect();
+            assert_eq!(
+                (s.first_offset, s.last_offset),
+                (*offs.first().unwrap(), *offs.last().unwrap()),
+                "{name}: sources of {start}"
+            );
+        }
+        out.insert(*start, content(first));
+    }
+    let values: Vec<Value> = run
+        .packets
+        .values()
+        .flatten()
+        .map(|p| serde_json::to_value(p).unwrap())
+        .collect();
+    assert_schema_valid(&values);
+
+    let late: BTreeSet<(i32, i64)> = run
+        .dead
+        .iter()
+        .filter(|(k, _, _)| k == "late")
+        .map(|(_, p, o)| (*p, *o))
+        .collect();
+    assert!(!expected.late.is_empty());
+    assert_eq!(
+        late, expected.late,
+        "{name}: every late event is a dead letter, and no on-time one"
+    );
+    out
+}
+
+/// `login-metrics mock-cluster` in a process of its own, killed on drop.
+struct MockBroker {
+    child: std::process::Child,
+    bootstrap: String,
+}
+
+impl MockBroker {
+    fn start(topics: &[&str]) -> MockBroker {
+        use std::io::BufRead;
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_login-metrics"));
+        cmd.arg("mock-cluster");
+        for t in topics {
+            cmd.args(["--topic", t]);
+        }
+        let mut child = cmd
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("mock cluster starts");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .expect("bootstrap servers");
+        assert!(
+            !line.trim().is_empty(),
+            "the mock cluster printed its address"
+        );
+        MockBroker {
+            child,
+            bootstrap: line.trim().to_string(),
+        }
+    }
+}
+
+impl Drop for MockBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn committed_on(bootstrap: &str, group: &str, topic: &str) -> Vec<i64> {
+    let s = settings(
+        bootstrap,
+        Path::new("unused"),
+        &[("KAFKA__GROUP_ID", group), ("KAFKA__INPUT_TOPIC", topic)],
+    );
+    login_metrics::source::committed_offsets(&s.kafka, PARTITIONS, Duration::from_secs(10))
+        .expect("committed")
+}
+
+fn wait_committed_on(bootstrap: &str, group: &str, topic: &str, ends: &[i64]) {
+    let deadline = std::time::Instant::now() + DONE;
+    loop {
+        let now = committed_on(bootstrap, group, topic);
+        if now == ends {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{group}: committed {now:?}, expected {ends:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn window_env(
+    b: &Broker,
+    group: &str,
+    topic: &str,
+    extra: &[(&str, &str)],
+) -> Vec<(String, String)> {
+    let mut e = service_env(&b.bootstrap, group);
+    let mut vars = vec![
+        ("BATCH__MODE", "window"),
+        ("KAFKA__INPUT_TOPIC", topic),
+        ("LOG__LEVEL", "info,login_metrics::offsets=debug"),
+    ];
+    let out = format!("{OUTPUT}-{group}");
+    let dlq = format!("{DLQ}-{group}");
+    vars.push(("KAFKA__OUTPUT_TOPIC", &out));
+    vars.push(("KAFKA__DLQ_TOPIC", &dlq));
+    vars.extend_from_slice(extra);
+    e.extend(
+        vars.iter()
+            .map(|(k, v)| (format!("LOGIN_METRICS__{k}"), v.to_string())),
+    );
+    e
+}
+
+/// Commits never pass an event whose window was not yet published: read in
+/// the order the process wrote them, every "offsets committed" line covers
+/// only events whose window has a "packet published" line before it (or that
+/// are late or invalid).
+fn check_commit_order(stderr: &str, expected: &Expected) {
+    let window_of: HashMap<(i32, i64), i64> = expected
+        .windows
+        .iter()
+        .flat_map(|(s, cs)| cs.iter().map(move |c| (*c, *s)))
+        .collect();
+    let mut published: BTreeSet<i64> = BTreeSet::new();
+    let mut commits = 0;
+    let mut done = vec![0i64; PARTITIONS as usize];
+    for line in stderr.lines() {
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        match v["message"].as_str() {
+            Some("packet published") => {
+                let s = v["window_start"].as_str().unwrap();
+                published.insert(
+                    chrono::DateTime::parse_from_rfc3339(s)
+                        .unwrap()
+                        .timestamp_millis(),
+                );
+            }
+            Some("offsets committed") => {
+                commits += 1;
+                for pair in v["offsets"].as_str().unwrap().split(',') {
+                    let (p, o) = pair.split_once(':').unwrap();
+                    let (p, o): (i32, i64) = (p.parse().unwrap(), o.parse().unwrap());
+                    for off in done[p as usize]..o {
+                        if let Some(w) = window_of.get(&(p, off)) {
+                            assert!(
+                                published.contains(w),
+                                "committed {p}:{o} before window {w} of offset {off} was published"
+                            );
+                        }
+                    }
+                    done[p as usize] = done[p as usize].max(o);
+                }
+            }
+            _ => {}
+        }
+    }
+    assert!(commits > 1, "the commits are logged");
+    assert_eq!(done, expected.ends, "the logged commits reach the end");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_input_gives_the_same_windows_whatever_the_fetch_size_or_kill_9() {
+    let b = Broker::start();
+    b.create_topic(INPUT, PARTITIONS).await;
+    for g in ["a", "b"] {
+        b.create_topic(&format!("{OUTPUT}-{g}"), 1).await;
+        b.create_topic(&format!("{DLQ}-{g}"), 1).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let msgs = input(77, 4_000);
+    let expected = oracle(&msgs);
+    produce_msgs(&b.bootstrap, INPUT, &msgs);
+
+    // Run A: default settings. Run B: 16 KiB partition fetches. Both read
+    // the whole preloaded topic; their last windows close by wait.
+    let mut contents = Vec::new();
+    for (group, extra) in [
+        ("a", vec![]),
+        (
+            "b",
+            vec![("KAFKA__CONSUMER__MAX_PARTITION_FETCH_BYTES", "16384")],
+        ),
+    ] {
+        let mut svc = Service::start(dir.path(), group, &window_env(&b, group, INPUT, &extra));
+        svc.wait_ready(READY);
+        wait_committed_on(&b.bootstrap, group, INPUT, &expected.ends);
+        svc.signal("TERM");
+        assert_eq!(svc.wait_exit(DONE), Some(0), "{}", svc.stderr());
+        let run = published(
+            &b.bootstrap,
+            &format!("{OUTPUT}-{group}"),
+            &format!("{DLQ}-{group}"),
+        );
+        contents.push(check_run(group, &run, &expected));
+        if group == "a" {
+            check_commit_order(&svc.stderr(), &expected);
+            assert_eq!(
+                svc.logged_packets(),
+                run.packets.values().flatten().cloned().collect::<Vec<_>>()
+            );
+        }
+    }
+
+    // Run C: the input arrives while the service runs, and the service is
+    // killed three times at random points and restarted; its broker (a mock
+    // cluster in a process of its own) keeps running throughout.
+    let mock = MockBroker::start(&["user-login-c:3", "login-metrics-c:1", "user-login-dlq-c:1"]);
+    let bs = mock.bootstrap.clone();
+    let producer = {
+        let bs = bs.clone();
+        let mut chunks: Vec<Vec<Msg>> = (0..12).map(|_| Vec::new()).collect();
+        let n = msgs.len();
+        for (i, m) in msgs.into_iter().enumerate() {
+            chunks[i * 12 / n].push(m);
+        }
+        std::thread::spawn(move || {
+            for chunk in chunks {
+                produce_msgs(&bs, "user-login-c", &chunk);
+                std::thread::sleep(Duration::from_millis(400));
+            }
+        })
+    };
+    let mut e = window_env(&b, "c", "user-login-c", &[]);
+    e.push(("LOGIN_METRICS__KAFKA__BOOTSTRAP_SERVERS".into(), bs.clone()));
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(20261121);
+    for i in 0..3 {
+        let mut svc = Service::start(dir.path(), &format!("c{i}"), &e);
+        svc.wait_ready(READY);
+        std::thread::sleep(Duration::from_millis(rng.gen_range(300..2_000)));
+        svc.signal("KILL");
+        assert_eq!(
+            svc.wait_exit(Duration::from_secs(10)),
+            None,
+            "killed by the signal"
+        );
+        eprintln!(
+            "run c{i}: killed; committed {:?}",
+            committed_on(&bs, "c", "user-login-c")
+        );
+    }
+    producer.join().unwrap();
+    let mut last = Service::start(dir.path(), "c-final", &e);
+    last.wait_ready(READY);
+    wait_committed_on(&bs, "c", "user-login-c", &expected.ends);
+    last.signal("TERM");
+    assert_eq!(last.wait_exit(DONE), Some(0), "{}", last.stderr());
+    assert!(
+        last.stderr().contains("window checkpoint restored"),
+        "the restart restored checkpoints: {}",
+        last.stderr()
+    );
+    let run = published(&bs, &format!("{OUTPUT}-c"), &format!("{DLQ}-c"));
+    contents.push(check_run("c", &run, &expected));
+
+    assert_eq!(contents[0], contents[1], "default fetch vs 16 KiB fetches");
+    // A window closed by wait in one run may close by watermark in another:
+    // the contents match but for closed_by.
+    let strip = |m: &BTreeMap<i64, Value>| -> BTreeMap<i64, Value> {
+        m.iter()
+            .map(|(k, v)| {
+                let mut v = v.clone();
+                v["window"].as_object_mut().unwrap().remove("closed_by");
+                (*k, v)
+            })
+            .collect()
+    };
+    assert_eq!(
+        strip(&contents[0]),
+        strip(&contents[2]),
+        "uninterrupted vs killed three times"
+    );
+}
