@@ -324,7 +324,7 @@ impl Settings {
             if max_span < Duration::from_millis(1) {
                 r.problem("batch.max_span", "must be at least 1ms in window mode");
             } else if let Some(h) = hop {
-                if h > max_span || max_span.as_millis() % h.as_millis().max(1) != 0 {
+                if h > max_span || !max_span.as_millis().is_multiple_of(h.as_millis().max(1)) {
                     r.problem(
                         "batch.hop",
                         format!(

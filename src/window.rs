@@ -1041,7 +1041,7 @@ mod tests {
     #[test]
     fn a_window_closes_by_watermark_only_when_every_partition_passed_its_end() {
         let mut f = Feed::new(cfg(), &[0, 1]);
-        f.event(0, 1 * S, 0);
+        f.event(0, S, 0);
         f.event(0, 2 * S, 0);
         f.event(0, 16 * S, 0); // p0 progress 16s - grace 5s = 11s > 10s
         assert!(
@@ -1102,7 +1102,7 @@ mod tests {
         let mut f = Feed::new(cfg(), &[0]);
         f.event(0, 20 * S, 0);
         f.invalid(0, 0);
-        f.event(0, 1 * S, 0); // late
+        f.event(0, S, 0); // late
         f.event(0, 21 * S, 0);
         f.event(0, 40 * S, 0);
         let b = f.batches();
@@ -1116,7 +1116,7 @@ mod tests {
         c.late = LatePolicy::Drop;
         let mut f = Feed::new(c, &[0]);
         f.event(0, 30 * S, 0);
-        f.event(0, 1 * S, 0);
+        f.event(0, S, 0);
         f.tick(61);
         assert_eq!(f.w.late_total(), 1);
         assert!(f.works.iter().all(|w| w.dead_letters.is_empty()));
@@ -1125,7 +1125,7 @@ mod tests {
     #[test]
     fn a_silent_partition_stops_holding_windows_after_idle() {
         let mut f = Feed::new(cfg(), &[0, 1]);
-        f.event(1, 1 * S, 0);
+        f.event(1, S, 0);
         f.event(0, 2 * S, 5);
         f.event(0, 30 * S, 10);
         assert!(f.batches().is_empty(), "p1 holds [0,10)");
@@ -1145,7 +1145,7 @@ mod tests {
     #[test]
     fn wait_closes_a_window_after_max_wait_and_makes_its_stragglers_late() {
         let mut f = Feed::new(cfg(), &[0]);
-        f.event(0, 1 * S, 0);
+        f.event(0, S, 0);
         assert_eq!(f.w.deadline(), Some(f.at(30)), "idle is checked first");
         f.tick(30);
         f.event(0, 2 * S, 31);
@@ -1188,7 +1188,7 @@ mod tests {
     #[test]
     fn the_commit_is_the_lowest_offset_an_open_window_needs_with_its_progress() {
         let mut f = Feed::new(cfg(), &[0]);
-        f.event(0, 1 * S, 0); // o0 in [0,10)
+        f.event(0, S, 0); // o0 in [0,10)
         f.event(0, 12 * S, 0); // o1 in [10,20)
         f.invalid(0, 0); // o2
         f.event(0, 16 * S, 0); // o3: closes [0,10)
@@ -1204,7 +1204,7 @@ mod tests {
             cp,
             Checkpoint {
                 offset: 1,
-                progress_ms: Some(1 * S),
+                progress_ms: Some(S),
                 closed_through_ms: Some(11 * S)
             }
         );
@@ -1234,7 +1234,7 @@ mod tests {
         assert_eq!(first.batches.len(), 1);
         let c = &first.commit[0];
         let cp = Checkpoint::from_metadata(c.offset, c.metadata.as_deref().unwrap()).unwrap();
-        assert_eq!((cp.offset, cp.progress_ms), (1, Some(1 * S)));
+        assert_eq!((cp.offset, cp.progress_ms), (1, Some(S)));
 
         // A restart reads from o1 with the progress the original had there.
         let mut b = Feed::new(cfg(), &[]);
@@ -1281,7 +1281,7 @@ mod tests {
         let mut c = cfg();
         c.max_buffered = 4;
         let mut f = Feed::new(c, &[0, 1]);
-        f.event(1, 1 * S, 0);
+        f.event(1, S, 0);
         for ts in [1, 11, 21, 31, 41] {
             f.event(0, ts * S, 0);
         }

@@ -237,12 +237,13 @@ proptest! {
             }
         }
         let mut second = Windower::new(cfg(hop_s), "user-login");
-        let mut from = vec![0i64; n];
-        for p in 0..n {
-            let cp = checkpoints.get(&(p as i32)).copied();
-            from[p] = cp.map_or(0, |c| c.offset);
-            second.assign(p as i32, cp, t0);
-        }
+        let from: Vec<i64> = (0..n)
+            .map(|p| {
+                let cp = checkpoints.get(&(p as i32)).copied();
+                second.assign(p as i32, cp, t0);
+                cp.map_or(0, |c| c.offset)
+            })
+            .collect();
         for w in run(&mut second, &seqs, &from, &order_b, t0) {
             crashed.add(&w);
         }
