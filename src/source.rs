@@ -213,21 +213,17 @@ impl Driver {
 
     fn on_message(&mut self, m: &BorrowedMessage<'_>, now: Instant) {
         let (topic, partition, offset) = (m.topic(), m.partition(), m.offset());
+        let coord = Coord {
+            topic,
+            partition,
+            offset,
+        };
         let payload = m.payload().unwrap_or_default();
+        let mut closed = Vec::new();
         self.progress.messages.fetch_add(1, Ordering::Relaxed);
         match event::parse(payload, &self.requirements) {
             Ok(ev) => match &mut self.grouping {
-                Grouping::Arrival(b) => {
-                    let coord = Coord {
-                        topic,
-                        partition,
-                        offset,
-                    };
-                    let mut closed = Vec::new();
-                    b.push_event(coord, &ev, now, &mut closed);
-                    self.ready
-                        .extend(closed.into_iter().map(Work::from_arrival));
-                }
+                Grouping::Arrival(b) => b.push_event(coord, &ev, now, &mut closed),
                 Grouping::Window(w) => {
                     w.push_event(partition, offset, m.key(), payload, &ev, now);
                 }
@@ -246,15 +242,7 @@ impl Driver {
                 }
                 match &mut self.grouping {
                     Grouping::Arrival(b) => {
-                        let coord = Coord {
-                            topic,
-                            partition,
-                            offset,
-                        };
-                        let mut closed = Vec::new();
-                        b.push_invalid(coord, m.key(), payload, err, now, &mut closed);
-                        self.ready
-                            .extend(closed.into_iter().map(Work::from_arrival));
+                        b.push_invalid(coord, m.key(), payload, err, now, &mut closed)
                     }
                     Grouping::Window(w) => {
                         w.push_invalid(partition, offset, m.key(), payload, err, now)
@@ -262,6 +250,9 @@ impl Driver {
                 }
             }
         }
+        // Arrival batches the message closed (window mode hands work over in tick).
+        self.ready
+            .extend(closed.into_iter().map(Work::from_arrival));
     }
 
     /// Applies the wall-clock rules and collects the work that is ready; in
