@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::checkpoint::Checkpoint;
 use crate::event::{ErrorKind, Field, LoginEvent, FIELD_COUNT};
 
 /// Why a batch closed. The names appear in packets as `window.closed_by`.
@@ -198,8 +199,8 @@ pub struct CommitPoint {
     pub partition: i32,
     /// The next offset to read.
     pub offset: i64,
-    /// Commit metadata (window mode: the partition's checkpoint).
-    pub metadata: Option<String>,
+    /// Window mode: the partition's checkpoint, stored before the commit.
+    pub checkpoint: Option<Checkpoint>,
 }
 
 /// What the consumer side hands to delivery, in order: packets to build, dead
@@ -225,7 +226,7 @@ impl Work {
                 topic: s.topic.clone(),
                 partition: s.partition,
                 offset: s.last_offset + 1,
-                metadata: None,
+                checkpoint: None,
             })
             .collect();
         let messages = batch.messages() as u64;

@@ -309,6 +309,7 @@ pub async fn run_demo(
         .create_topic(&k.input_topic, 3, 1)
         .and_then(|_| cluster.create_topic(&k.output_topic, 1, 1))
         .context("cannot create the demo topics")?;
+    cluster.create_topic(&k.checkpoint_topic, 1, 1)?;
     if !k.dlq_topic.is_empty() {
         cluster.create_topic(&k.dlq_topic, 1, 1)?;
     }

@@ -12,16 +12,19 @@
 //! 2. [`event`]: parses each message without needless copies; a message that
 //!    is not a valid event becomes an [`event::InvalidEvent`] with a kind and
 //!    a reason, bound for the dead-letter topic.
-//! 3. [`batch`]: accumulates events into batches closed by count, event-time
-//!    span, wall-clock wait, shutdown or rebalance.
-//! 4. [`analysis`]: loads a batch into a Polars DataFrame and counts duplicate
-//!    groups per slice.
-//! 5. [`packet`]: builds the metric packet (`docs/packet.schema.json`),
-//!    pseudonymizing personal fields through [`privacy`].
-//! 6. [`sink`] and [`metrics_log`]: publish the packet and the dead letters
-//!    (idempotent, acks=all, gzip) and append the packet to the local log.
-//! 7. [`commit`]: commits the batch's offsets, in batch order, only after all
-//!    of the above succeeded: at least once, nothing lost.
+//! 3. [`window`] (the default, `batch.mode = "window"`): groups valid events
+//!    into event-time windows closed by watermark, so the same input gives the
+//!    same packets whatever the timing; [`batch`] (`"arrival"`): batches of
+//!    whatever arrived together, closed by count, span or wait. Both hand
+//!    [`batch::Work`] to delivery.
+//! 4. [`delivery`]: runs [`analysis`] (a Polars DataFrame, duplicate groups
+//!    per slice), builds each [`packet`] (`docs/packet.schema.json`,
+//!    pseudonymized through [`privacy`]), publishes packets and dead letters
+//!    through [`sink`] (idempotent, acks=all, gzip) and appends packets to the
+//!    [`metrics_log`].
+//! 5. [`offsets`]: commits each work's offsets, in order, only after all of the
+//!    above succeeded; in window mode after storing the partitions'
+//!    [`checkpoint`]s. Nothing is lost; a replay carries the same packet ids.
 //!
 //! [`pipeline`] is the thin async shell that wires these together;
 //! [`settings`] loads the layered configuration, [`telemetry`] serves
@@ -35,6 +38,7 @@
 
 pub mod analysis;
 pub mod batch;
+pub mod checkpoint;
 pub mod delivery;
 pub mod demo;
 pub mod event;

@@ -4,20 +4,21 @@
 //! message below it is accounted for by delivered work — its packet and dead
 //! letters acknowledged by the broker and its packet in the metrics log — and
 //! work is settled in the order it was handed to delivery. [`Ledger`] receives
-//! delivery's acknowledgements in that order and commits each work's
-//! [`CommitPoint`]s synchronously. A commit that fails is retried; one that
-//! still fails is logged and left to the next commit of the same partition,
-//! because the data is already delivered: the only risk is a replay, never a
-//! loss.
+//! delivery's acknowledgements in that order, merges their [`CommitPoint`]s
+//! (the latest per partition wins) and commits them synchronously. A commit
+//! that fails is kept and retried with backoff, merged with later ones; the
+//! data is already delivered, so the only risk of a failed commit is a replay,
+//! never a loss.
 //!
-//! In window mode each commit carries the partition's checkpoint in its
-//! metadata ([`crate::window::Checkpoint`]); [`committed_checkpoints`] reads
-//! it back when partitions are assigned.
+//! In window mode each commit point carries the partition's checkpoint; the
+//! ledger stores the checkpoints ([`crate::checkpoint`]) and only then commits
+//! the offsets, so a stored checkpoint is never behind the committed offset.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc as std_mpsc, Arc};
 use std::thread::sleep;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaResult;
@@ -25,22 +26,20 @@ use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, warn};
 
 use crate::batch::CommitPoint;
+use crate::checkpoint::{Checkpoint, CheckpointStore};
 use crate::delivery::Ack;
 use crate::telemetry::{self, Progress};
-use crate::window::Checkpoint;
 
-/// Commit attempts per work; shutdown and revocation use the same.
+/// Commit attempts per settle; shutdown and revocation use the same.
 pub const COMMIT_ATTEMPTS: u32 = 5;
+/// The wait before a failed commit is tried again while consuming goes on.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
 
-/// The partition list of a commit, metadata included.
+/// The partition list of a commit.
 pub fn partition_list(points: &[CommitPoint]) -> KafkaResult<TopicPartitionList> {
     let mut tpl = TopicPartitionList::with_capacity(points.len());
     for p in points {
-        let mut e = tpl.add_partition(&p.topic, p.partition);
-        e.set_offset(Offset::Offset(p.offset))?;
-        if let Some(m) = &p.metadata {
-            e.set_metadata(m.as_str());
-        }
+        tpl.add_partition_offset(&p.topic, p.partition, Offset::Offset(p.offset))?;
     }
     Ok(tpl)
 }
@@ -86,14 +85,13 @@ pub fn commit<C: ConsumerContext>(
     false
 }
 
-/// The committed position of each of `partitions` of `topic`: the offset and
-/// the window checkpoint in its metadata, when there is one.
-pub fn committed_checkpoints<C: ConsumerContext>(
+/// The group's committed offset of each of `partitions` of `topic`, where there is one.
+pub fn committed<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
     topic: &str,
     partitions: &[i32],
     timeout: Duration,
-) -> KafkaResult<Vec<(i32, Option<Checkpoint>)>> {
+) -> KafkaResult<HashMap<i32, i64>> {
     let mut tpl = TopicPartitionList::new();
     for p in partitions {
         tpl.add_partition(topic, *p);
@@ -101,34 +99,63 @@ pub fn committed_checkpoints<C: ConsumerContext>(
     let committed = consumer.committed_offsets(tpl, timeout)?;
     Ok(partitions
         .iter()
-        .map(|p| {
-            let cp = committed
-                .find_partition(topic, *p)
-                .and_then(|e| match e.offset() {
-                    Offset::Offset(o) => Checkpoint::from_metadata(o, e.metadata()),
-                    _ => None,
-                });
-            (*p, cp)
+        .filter_map(|p| match committed.find_partition(topic, *p)?.offset() {
+            Offset::Offset(o) => Some((*p, o)),
+            _ => None,
         })
         .collect())
 }
 
-/// Work handed to delivery and not yet settled, in order.
+/// Merges `later` into `into`: a later point for the same partition replaces
+/// the earlier one.
+fn merge(into: &mut Vec<CommitPoint>, later: Vec<CommitPoint>) {
+    for p in later {
+        match into
+            .iter_mut()
+            .find(|q| q.partition == p.partition && q.topic == p.topic)
+        {
+            Some(q) => *q = p,
+            None => into.push(p),
+        }
+    }
+}
+
+/// Work handed to delivery and not yet settled, in order, and the offsets
+/// delivered but not yet committed.
 pub struct Ledger {
     acks: std_mpsc::Receiver<Ack>,
     in_flight: usize,
     failure: Option<String>,
     progress: Arc<Progress>,
+    checkpoints: Option<CheckpointStore>,
+    /// Delivered, not yet committed: the latest point per partition.
+    pending: Vec<CommitPoint>,
+    pending_messages: u64,
+    retry_at: Option<Instant>,
 }
 
 impl Ledger {
-    pub fn new(acks: std_mpsc::Receiver<Ack>, progress: Arc<Progress>) -> Ledger {
+    /// `checkpoints`: window mode's checkpoint store, written before each commit.
+    pub fn new(
+        acks: std_mpsc::Receiver<Ack>,
+        progress: Arc<Progress>,
+        checkpoints: Option<CheckpointStore>,
+    ) -> Ledger {
         Ledger {
             acks,
             in_flight: 0,
             failure: None,
             progress,
+            checkpoints,
+            pending: Vec::new(),
+            pending_messages: 0,
+            retry_at: None,
         }
+    }
+
+    /// Window mode's checkpoint store.
+    pub fn checkpoints(&self) -> Option<&CheckpointStore> {
+        self.checkpoints.as_ref()
     }
 
     /// Records that one more work was handed to delivery.
@@ -150,8 +177,28 @@ impl Ledger {
         self.failure.get_or_insert_with(|| reason.into());
     }
 
-    /// Commits every work delivery has acknowledged; with `wait`, waits for
-    /// all in flight.
+    /// Whether delivered offsets are still waiting for their commit.
+    pub fn uncommitted(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Gives up the delivered but uncommitted offsets, after their partitions
+    /// were revoked: whoever reads them next replays from the last commit.
+    pub fn forget_uncommitted(&mut self) {
+        if !self.pending.is_empty() {
+            warn!(
+                partitions = self.pending.len(),
+                "revoked with delivered offsets not committed; their work will be replayed"
+            );
+        }
+        self.pending.clear();
+        self.pending_messages = 0;
+        self.retry_at = None;
+    }
+
+    /// Takes every work delivery has acknowledged (with `wait`, waits for all
+    /// in flight), then stores the checkpoints and commits. A failed commit is
+    /// retried at a later call, no sooner than [`RETRY_AFTER`] unless `wait`.
     pub fn settle<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, wait: bool) {
         while self.in_flight > 0 && self.failure.is_none() {
             let ack = if wait {
@@ -175,16 +222,48 @@ impl Ledger {
             self.in_flight -= 1;
             match ack {
                 Ack::Delivered { commit, messages } => {
-                    if self::commit(consumer, &commit, COMMIT_ATTEMPTS) {
-                        self.progress
-                            .committed_messages
-                            .fetch_add(messages, Ordering::Relaxed);
-                        metrics::counter!(telemetry::COMMITTED).increment(messages);
-                    }
+                    merge(&mut self.pending, commit);
+                    self.pending_messages += messages;
                 }
                 Ack::Failed(reason) => self.fail(reason),
             }
         }
+        // Work delivered before a failure is still committed: acks arrive in order.
+        if self.pending.is_empty() || (!wait && self.retry_at.is_some_and(|t| Instant::now() < t)) {
+            return;
+        }
+        if self.store_and_commit(consumer) {
+            self.progress
+                .committed_messages
+                .fetch_add(self.pending_messages, Ordering::Relaxed);
+            metrics::counter!(telemetry::COMMITTED).increment(self.pending_messages);
+            self.pending.clear();
+            self.pending_messages = 0;
+            self.retry_at = None;
+        } else {
+            self.retry_at = Some(Instant::now() + RETRY_AFTER);
+        }
+    }
+
+    fn store_and_commit<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) -> bool {
+        if let Some(writer) = &self.checkpoints {
+            let mut by_topic: Vec<(&str, Vec<(i32, Checkpoint)>)> = Vec::new();
+            for p in &self.pending {
+                let Some(c) = p.checkpoint else { continue };
+                match by_topic.iter_mut().find(|(t, _)| *t == &*p.topic) {
+                    Some((_, items)) => items.push((p.partition, c)),
+                    None => by_topic.push((&p.topic, vec![(p.partition, c)])),
+                }
+            }
+            for (topic, items) in by_topic {
+                if let Err(e) = writer.write(topic, &items) {
+                    metrics::counter!(telemetry::CHECKPOINT_FAILURES).increment(1);
+                    warn!(error = %e, "checkpoint write failed; the commit waits and is retried");
+                    return false;
+                }
+            }
+        }
+        commit(consumer, &self.pending, COMMIT_ATTEMPTS)
     }
 }
 
@@ -192,31 +271,32 @@ impl Ledger {
 mod tests {
     use super::*;
 
+    fn point(partition: i32, offset: i64) -> CommitPoint {
+        CommitPoint {
+            topic: Arc::from("user-login"),
+            partition,
+            offset,
+            checkpoint: None,
+        }
+    }
+
     #[test]
-    fn a_commit_list_carries_offsets_and_metadata() {
-        let t: Arc<str> = Arc::from("user-login");
-        let points = vec![
-            CommitPoint {
-                topic: t.clone(),
-                partition: 0,
-                offset: 10,
-                metadata: None,
-            },
-            CommitPoint {
-                topic: t,
-                partition: 2,
-                offset: 41,
-                metadata: Some("login-metrics/window/1 p=5 c=-".into()),
-            },
-        ];
-        let tpl = partition_list(&points).unwrap();
+    fn a_commit_list_carries_each_partitions_offset() {
+        let tpl = partition_list(&[point(0, 10), point(2, 41)]).unwrap();
         assert_eq!(tpl.count(), 2);
         let e = tpl.find_partition("user-login", 2).unwrap();
         assert_eq!(e.offset(), Offset::Offset(41));
-        assert_eq!(e.metadata(), "login-metrics/window/1 p=5 c=-");
         assert_eq!(
             tpl.find_partition("user-login", 0).unwrap().offset(),
             Offset::Offset(10)
         );
+    }
+
+    #[test]
+    fn later_points_replace_earlier_ones_of_the_same_partition() {
+        let mut pending = vec![point(0, 10), point(1, 5)];
+        merge(&mut pending, vec![point(1, 9), point(2, 3)]);
+        merge(&mut pending, vec![point(0, 12)]);
+        assert_eq!(pending, vec![point(0, 12), point(1, 9), point(2, 3)]);
     }
 }

@@ -22,13 +22,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::batch::{Batcher, Limits, Work};
+use crate::checkpoint::{self, CheckpointStore};
 use crate::delivery::{Ack, Delivery, PacketHook};
 use crate::event::{ErrorKind, Requirements};
 use crate::metrics_log::MetricsLog;
 use crate::packet::{Identity, Packet};
 use crate::privacy::Pseudonymizer;
 use crate::settings::{BatchMode, LateSetting, Settings};
-use crate::sink::Publisher;
+use crate::sink::{self, Publisher};
 use crate::source::{self, Driver, Grouping};
 use crate::telemetry::Health;
 pub use crate::telemetry::Progress;
@@ -140,6 +141,21 @@ impl Pipeline {
             Pseudonymizer::new(&s.privacy.key, &s.privacy.pseudonymize)
         };
 
+        let checkpoints = match s.batch.mode {
+            BatchMode::Window => {
+                checkpoint::ensure_topic(&s.kafka, sink::producer_config(&s.kafka)).await?;
+                Some(
+                    CheckpointStore::new(
+                        &s.kafka,
+                        sink::producer_config(&s.kafka),
+                        source::consumer_config(&s.kafka),
+                    )
+                    .context("cannot create the checkpoint producer")?,
+                )
+            }
+            BatchMode::Arrival => None,
+        };
+
         // Capacity 1: the consumer fills the next work while delivery handles
         // this one, and waits rather than piling up work in memory.
         let (work_tx, work_rx) = mpsc::channel::<Work>(1);
@@ -155,6 +171,7 @@ impl Pipeline {
             work_tx,
             ack_rx,
             self.progress.clone(),
+            checkpoints,
         );
 
         let identity = Identity::new(

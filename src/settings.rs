@@ -38,7 +38,8 @@ pub struct Settings {
     pub privacy: PrivacySettings,
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// `Debug` redacts secret librdkafka properties (see [`is_secret_property`]).
+#[derive(Clone, Serialize)]
 pub struct KafkaSettings {
     pub bootstrap_servers: String,
     pub group_id: String,
@@ -46,6 +47,8 @@ pub struct KafkaSettings {
     pub output_topic: String,
     /// Empty: invalid messages are counted and logged but not forwarded.
     pub dlq_topic: String,
+    /// Window mode: where each partition's checkpoint is stored before its commit.
+    pub checkpoint_topic: String,
     pub auto_offset_reset: String,
     pub compression: String,
     #[serde(with = "human_duration")]
@@ -175,6 +178,37 @@ impl fmt::Debug for PrivacySettings {
     }
 }
 
+impl std::fmt::Debug for KafkaSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redact = |m: &BTreeMap<String, String>| -> BTreeMap<String, String> {
+            m.iter()
+                .map(|(k, v)| {
+                    let v = if is_secret_property(k) {
+                        REDACTED
+                    } else {
+                        v.as_str()
+                    };
+                    (k.clone(), v.to_string())
+                })
+                .collect()
+        };
+        f.debug_struct("KafkaSettings")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("group_id", &self.group_id)
+            .field("input_topic", &self.input_topic)
+            .field("output_topic", &self.output_topic)
+            .field("dlq_topic", &self.dlq_topic)
+            .field("checkpoint_topic", &self.checkpoint_topic)
+            .field("auto_offset_reset", &self.auto_offset_reset)
+            .field("compression", &self.compression)
+            .field("delivery_timeout", &self.delivery_timeout)
+            .field("delivery_attempts", &self.delivery_attempts)
+            .field("consumer", &redact(&self.consumer))
+            .field("producer", &redact(&self.producer))
+            .finish()
+    }
+}
+
 const REDACTED: &str = "<redacted>";
 
 fn redact_bytes<S: serde::Serializer>(key: &[u8], s: S) -> Result<S::Ok, S::Error> {
@@ -292,6 +326,7 @@ impl Settings {
             input_topic: r.non_empty("kafka.input_topic"),
             output_topic: r.non_empty("kafka.output_topic"),
             dlq_topic: r.string("kafka.dlq_topic"),
+            checkpoint_topic: r.non_empty("kafka.checkpoint_topic"),
             auto_offset_reset: r.one_of("kafka.auto_offset_reset", &["earliest", "latest"]),
             // zstd needs librdkafka built with libzstd, which this build is not.
             compression: r.one_of("kafka.compression", &["none", "gzip", "snappy", "lz4"]),
@@ -311,6 +346,40 @@ impl Settings {
                 &["enable.idempotence", "acks", "bootstrap.servers"],
             ),
         };
+        // One topic in two roles would feed the service its own output.
+        let input = kafka.input_topic.clone();
+        for (key, topic) in [
+            ("kafka.output_topic", &kafka.output_topic),
+            ("kafka.dlq_topic", &kafka.dlq_topic),
+            ("kafka.checkpoint_topic", &kafka.checkpoint_topic),
+        ] {
+            if !input.is_empty() && *topic == input {
+                r.problem(
+                    key,
+                    format!("must differ from kafka.input_topic (`{input}`)"),
+                );
+            }
+        }
+        for (key, topic) in [
+            ("kafka.dlq_topic", &kafka.dlq_topic),
+            ("kafka.checkpoint_topic", &kafka.checkpoint_topic),
+        ] {
+            if !topic.is_empty() && *topic == kafka.output_topic && topic != &input {
+                r.problem(
+                    key,
+                    format!("must differ from kafka.output_topic (`{topic}`)"),
+                );
+            }
+        }
+        if !kafka.checkpoint_topic.is_empty()
+            && kafka.checkpoint_topic == kafka.dlq_topic
+            && kafka.checkpoint_topic != input
+        {
+            r.problem(
+                "kafka.checkpoint_topic",
+                format!("must differ from kafka.dlq_topic (`{}`)", kafka.dlq_topic),
+            );
+        }
         let mode = match r.one_of("batch.mode", &["window", "arrival"]).as_str() {
             "arrival" => BatchMode::Arrival,
             _ => BatchMode::Window,
@@ -965,6 +1034,22 @@ mod tests {
     }
 
     #[test]
+    fn a_topic_in_two_roles_is_rejected_naming_the_key() {
+        let err = Settings::load_with_env(
+            None,
+            env(&[
+                ("LOGIN_METRICS__KAFKA__OUTPUT_TOPIC", "user-login"),
+                ("LOGIN_METRICS__KAFKA__CHECKPOINT_TOPIC", "user-login-dlq"),
+            ]),
+        )
+        .unwrap_err();
+        assert_eq!(
+            keys(err),
+            vec!["kafka.output_topic", "kafka.checkpoint_topic"]
+        );
+    }
+
+    #[test]
     fn pseudonymize_without_key_names_the_key() {
         let err = Settings::load_with_env(
             None,
@@ -989,7 +1074,12 @@ mod tests {
         assert!(!text.contains("hunter2-key"), "{text}");
         assert!(!text.contains("pw-secret"), "{text}");
         assert!(text.contains("<redacted>"));
-        assert!(!format!("{s:?}").contains("hunter2-key"));
+        let debug = format!("{s:?}");
+        assert!(
+            !debug.contains("hunter2-key") && !debug.contains("pw-secret"),
+            "{debug}"
+        );
+        assert!(debug.contains("sasl.password"), "{debug}");
         let line = s.redacted_summary();
         assert!(line.contains("sasl.password=<redacted>"), "{line}");
         assert!(line.contains("compression.level=1"), "{line}");

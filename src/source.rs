@@ -14,7 +14,7 @@
 //! letters and forgets its open windows, whose offsets were never committed.
 //! Then every work in flight is delivered and committed before the partitions
 //! are given up. On assignment, window mode restores each partition's
-//! checkpoint from the committed offset's metadata.
+//! checkpoint from the checkpoint topic ([`crate::checkpoint`]).
 
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::batch::{Batcher, CloseReason, Coord, Work};
+use crate::checkpoint::{self, CheckpointStore, Restore};
 use crate::delivery::Ack;
 use crate::event::{self, Requirements};
 use crate::offsets::{self, Ledger};
@@ -43,6 +44,8 @@ use crate::window::{Flow, Windower};
 const MAX_POLL: Duration = Duration::from_millis(100);
 /// How long reading a partition's committed checkpoint may take on assignment.
 const CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often window gauges are refreshed.
+const GAUGE_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Builds the librdkafka consumer configuration.
 pub fn consumer_config(k: &KafkaSettings) -> ClientConfig {
@@ -167,6 +170,7 @@ pub struct Driver {
     invalid_log: LogLimit,
     late_seen: u64,
     replayed_seen: u64,
+    gauges_at: Instant,
 }
 
 impl Driver {
@@ -177,18 +181,20 @@ impl Driver {
         to_delivery: mpsc::Sender<Work>,
         acks: std_mpsc::Receiver<Ack>,
         progress: Arc<Progress>,
+        checkpoints: Option<CheckpointStore>,
     ) -> Driver {
         Driver {
             grouping,
             requirements,
             max_future_ms: max_future.map(|d| d.as_millis().min(i64::MAX as u128) as i64),
             to_delivery: Some(to_delivery),
-            ledger: Ledger::new(acks, progress.clone()),
+            ledger: Ledger::new(acks, progress.clone(), checkpoints),
             ready: Vec::new(),
             progress,
             invalid_log: LogLimit::new("invalid messages", 10, Duration::from_secs(60)),
             late_seen: 0,
             replayed_seen: 0,
+            gauges_at: Instant::now(),
         }
     }
 
@@ -285,9 +291,18 @@ impl Driver {
                         .increment(replayed - self.replayed_seen);
                     self.replayed_seen = replayed;
                 }
-                self.progress
-                    .open_windows
-                    .store(w.open_windows() as u64, Ordering::Relaxed);
+                // Gauges a few times a second, not once per message.
+                if now >= self.gauges_at {
+                    self.gauges_at = now + GAUGE_INTERVAL;
+                    self.progress
+                        .open_windows
+                        .store(w.open_windows() as u64, Ordering::Relaxed);
+                    metrics::gauge!(telemetry::WINDOWS_OPEN).set(w.open_windows() as f64);
+                    metrics::gauge!(telemetry::EVENTS_BUFFERED).set(w.buffered() as f64);
+                    if let Some(wm) = w.watermark() {
+                        metrics::gauge!(telemetry::WATERMARK).set(wm as f64 / 1000.0);
+                    }
+                }
             }
         }
     }
@@ -349,6 +364,7 @@ impl Driver {
 
     fn on_revoke<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) {
         self.drain(consumer, CloseReason::Rebalance, Instant::now());
+        self.ledger.forget_uncommitted();
         if let Grouping::Window(w) = &mut self.grouping {
             w.reset();
             metrics::gauge!(telemetry::PARTITIONS_PAUSED).set(0.0);
@@ -373,23 +389,45 @@ impl Driver {
             }
         }
         for (topic, partitions) in by_topic {
-            match offsets::committed_checkpoints(consumer, &topic, &partitions, CHECKPOINT_TIMEOUT)
-            {
-                Ok(found) => {
-                    for (p, cp) in found {
-                        if let Some(c) = &cp {
-                            info!(topic = %topic, partition = p, offset = c.offset, progress_ms = ?c.progress_ms, "window checkpoint restored");
-                        }
-                        w.assign(p, cp, now);
-                    }
-                }
-                Err(e) => {
-                    // Without the checkpoint, lateness could be judged
+            let committed = offsets::committed(consumer, &topic, &partitions, CHECKPOINT_TIMEOUT);
+            let stored = match self.ledger.checkpoints() {
+                Some(store) => store.read_latest(&topic, &partitions, CHECKPOINT_TIMEOUT),
+                None => Err("window mode has no checkpoint store".to_string()),
+            };
+            let (committed, stored) = match (committed, stored) {
+                (Ok(c), Ok(s)) => (c, s),
+                (Err(e), _) => {
+                    // Without the checkpoints, lateness could be judged
                     // differently from the original run: stop rather than guess.
-                    self.ledger.fail(format!(
-                        "cannot read the committed checkpoints of {topic}: {e}"
-                    ));
+                    self.ledger
+                        .fail(format!("cannot read the committed offsets of {topic}: {e}"));
+                    return;
                 }
+                (_, Err(e)) => {
+                    self.ledger.fail(format!(
+                        "cannot read the window checkpoints of {topic}: {e}"
+                    ));
+                    return;
+                }
+            };
+            for p in partitions {
+                let committed = committed.get(&p).copied();
+                let restore = checkpoint::resolve(committed, stored.get(&p).copied());
+                let cp = match restore {
+                    Restore::From(c) => {
+                        info!(topic = %topic, partition = p, offset = c.offset, committed = ?committed, progress_ms = ?c.progress_ms, closed_through_ms = ?c.closed_through_ms, "window checkpoint restored");
+                        Some(c)
+                    }
+                    Restore::Stale {
+                        committed,
+                        checkpoint,
+                    } => {
+                        warn!(topic = %topic, partition = p, committed, checkpoint, "the committed offset is past the stored window checkpoint; starting this partition without window state (windows at its start may be reported again, partly)");
+                        None
+                    }
+                    Restore::Fresh => None,
+                };
+                w.assign(p, cp, committed, now);
             }
         }
     }
@@ -489,6 +527,10 @@ pub fn consume(
     health.stopped();
     match driver.ledger.failure() {
         Some(reason) => Err(reason.to_string()),
+        None if driver.ledger.uncommitted() => Err(
+            "delivered work could not be committed; the next start replays it (with the same packet ids in window mode)"
+                .to_string(),
+        ),
         None => {
             info!("all work delivered and committed");
             Ok(())

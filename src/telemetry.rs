@@ -35,6 +35,7 @@ pub const DELIVERY_SECONDS: &str = "login_metrics_delivery_seconds";
 pub const DELIVERY_FAILURES: &str = "login_metrics_delivery_failures_total";
 pub const COMMITS: &str = "login_metrics_offset_commits_total";
 pub const COMMIT_FAILURES: &str = "login_metrics_offset_commit_failures_total";
+pub const CHECKPOINT_FAILURES: &str = "login_metrics_checkpoint_write_failures_total";
 pub const COMMITTED: &str = "login_metrics_messages_committed_total";
 pub const CONSUMER_LAG: &str = "login_metrics_consumer_lag";
 pub const UPTIME: &str = "login_metrics_uptime_seconds";
@@ -93,8 +94,12 @@ impl Progress {
 pub fn init_logging(log: &LogSettings) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.level));
+    // Colour codes only for a person at a terminal, never in a file or a
+    // container's log.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     let _ = match log.format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
@@ -168,6 +173,10 @@ fn describe() {
     );
     describe_counter!(COMMITS, "Successful offset commits.");
     describe_counter!(COMMIT_FAILURES, "Failed offset commit attempts.");
+    describe_counter!(
+        CHECKPOINT_FAILURES,
+        "Failed window checkpoint writes (the commit waits and is retried)."
+    );
     describe_counter!(
         COMMITTED,
         "Input messages whose batch is delivered and whose offsets are committed."

@@ -26,7 +26,7 @@
 //!   an open window still needs; every message below it is in an emitted
 //!   window, a dead letter, or counted late. With it goes a checkpoint (the
 //!   partition's progress *at that offset* and the watermark that closed
-//!   windows so far), carried in the commit's metadata, so that a restart
+//!   windows so far), stored before the commit ([`crate::checkpoint`]), so that a restart
 //!   re-reads from the offset with exactly the progress the original run had
 //!   there and judges every event the same way.
 //! - **Alignment.** When the open windows hold more than `max_buffered` valid
@@ -46,6 +46,7 @@ use std::time::{Duration, Instant};
 use crate::batch::{
     Batch, CloseReason, Columns, CommitPoint, InvalidMessage, SourceRange, WindowId, Work,
 };
+pub use crate::checkpoint::Checkpoint;
 use crate::event::{ErrorKind, InvalidEvent, LoginEvent};
 
 /// What happens to late events.
@@ -76,56 +77,6 @@ pub struct WindowConfig {
     pub late: LatePolicy,
 }
 
-/// A partition's position as committed: the offset to read next and the state
-/// needed to judge the messages from there on as the original run did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Checkpoint {
-    pub offset: i64,
-    /// The partition's progress before `offset`.
-    pub progress_ms: Option<i64>,
-    /// Every window ending at or before this was closed and emitted.
-    pub closed_through_ms: Option<i64>,
-}
-
-const CHECKPOINT_PREFIX: &str = "login-metrics/window/1";
-
-impl Checkpoint {
-    /// The commit metadata string, e.g. `login-metrics/window/1 p=1700000000000 c=1699999990000`.
-    pub fn metadata(&self) -> String {
-        let f = |v: Option<i64>| v.map_or_else(|| "-".to_string(), |v| v.to_string());
-        format!(
-            "{CHECKPOINT_PREFIX} p={} c={}",
-            f(self.progress_ms),
-            f(self.closed_through_ms)
-        )
-    }
-
-    /// Parses commit metadata written by [`Checkpoint::metadata`]; `None` for
-    /// anything else (an empty string, another program's metadata).
-    pub fn from_metadata(offset: i64, metadata: &str) -> Option<Checkpoint> {
-        let rest = metadata.strip_prefix(CHECKPOINT_PREFIX)?;
-        let (mut progress, mut closed) = (None, None);
-        for part in rest.split_whitespace() {
-            let (k, v) = part.split_once('=')?;
-            let v = if v == "-" {
-                None
-            } else {
-                Some(v.parse().ok()?)
-            };
-            match k {
-                "p" => progress = v,
-                "c" => closed = v,
-                _ => {}
-            }
-        }
-        Some(Checkpoint {
-            offset,
-            progress_ms: progress,
-            closed_through_ms: closed,
-        })
-    }
-}
-
 /// A pause or resume the shell applies to the consumer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flow {
@@ -146,6 +97,9 @@ struct Part {
     /// Restored from a checkpoint: windows ending at or before this were
     /// emitted before the restart; their on-time events are already reported.
     replayed_through: Option<i64>,
+    /// Restored from a checkpoint ahead of the committed offset: messages
+    /// below it are already delivered and are skipped as replayed.
+    resume_at: Option<i64>,
     /// The next offset to read; `None` until a message is read or a checkpoint restored.
     next_offset: Option<i64>,
     last_message: Instant,
@@ -165,6 +119,7 @@ impl Part {
             partition,
             progress: None,
             replayed_through: None,
+            resume_at: None,
             next_offset: None,
             last_message: now,
             idle: false,
@@ -322,17 +277,31 @@ impl Windower {
             .collect()
     }
 
-    /// Starts tracking a newly assigned partition, from its committed
-    /// checkpoint when there is one.
-    pub fn assign(&mut self, partition: i32, checkpoint: Option<Checkpoint>, now: Instant) {
+    /// Starts tracking a newly assigned partition, from its stored checkpoint
+    /// when there is one. `committed` is the group's committed offset: when it
+    /// is behind the checkpoint (the process stopped between writing the
+    /// checkpoint and committing), the messages in between are skipped and the
+    /// checkpoint is committed again with the next work.
+    pub fn assign(
+        &mut self,
+        partition: i32,
+        checkpoint: Option<Checkpoint>,
+        committed: Option<i64>,
+        now: Instant,
+    ) {
         let i = self.part_index(partition, now);
         let part = &mut self.parts[i];
         if let Some(c) = checkpoint {
             part.progress = c.progress_ms;
             part.replayed_through = c.closed_through_ms;
+            part.resume_at = Some(c.offset);
             part.next_offset = Some(c.offset);
             part.base = Some(c.offset);
             part.committed = Some(c);
+            if committed.is_none_or(|o| o < c.offset) {
+                part.committed = None;
+                self.loose(now);
+            }
             if let Some(c) = c.closed_through_ms {
                 self.closed_through = Some(self.closed_through.map_or(c, |t| t.max(c)));
             }
@@ -363,6 +332,9 @@ impl Windower {
         now: Instant,
     ) {
         let i = self.part_index(partition, now);
+        if self.skip_replayed(i, offset, now) {
+            return;
+        }
         let Some(ts) = event.timestamp_ms else {
             // Settings require a timestamp in window mode; defend anyway.
             self.push_invalid(
@@ -435,6 +407,9 @@ impl Windower {
         now: Instant,
     ) {
         let i = self.part_index(partition, now);
+        if self.skip_replayed(i, offset, now) {
+            return;
+        }
         self.now = now;
         self.touch(i, offset, now);
         self.parts[i]
@@ -632,6 +607,18 @@ impl Windower {
 
     /// Records that a message was read from partition `i`; a silent partition
     /// that speaks again holds the watermark again.
+    /// A message below a restored checkpoint's offset: already delivered.
+    fn skip_replayed(&mut self, i: usize, offset: i64, now: Instant) -> bool {
+        let part = &mut self.parts[i];
+        if part.resume_at.is_some_and(|r| offset < r) {
+            part.last_message = now;
+            self.replayed_total += 1;
+            true
+        } else {
+            false
+        }
+    }
+
     fn touch(&mut self, i: usize, offset: i64, now: Instant) {
         let part = &mut self.parts[i];
         if part.next_offset.is_none() {
@@ -883,7 +870,7 @@ impl Windower {
                     topic: self.topic.clone(),
                     partition,
                     offset: cp.offset,
-                    metadata: Some(cp.metadata()),
+                    checkpoint: Some(cp),
                 });
             }
         }
@@ -963,7 +950,7 @@ mod tests {
             let t0 = Instant::now();
             let mut w = Windower::new(cfg, "user-login");
             for p in partitions {
-                w.assign(*p, None, t0);
+                w.assign(*p, None, None, t0);
             }
             Feed {
                 w,
@@ -1194,11 +1181,8 @@ mod tests {
         f.event(0, 16 * S, 0); // o3: closes [0,10)
         let work = f.works.last().unwrap();
         assert_eq!(work.batches.len(), 1);
-        let cp = Checkpoint::from_metadata(
-            work.commit[0].offset,
-            work.commit[0].metadata.as_deref().unwrap(),
-        )
-        .unwrap();
+        let cp = work.commit[0].checkpoint.unwrap();
+        assert_eq!(cp.offset, work.commit[0].offset);
         // [10,20) still needs o1; the progress before o1 was 1s.
         assert_eq!(
             cp,
@@ -1233,12 +1217,12 @@ mod tests {
         let first = &a.works[0];
         assert_eq!(first.batches.len(), 1);
         let c = &first.commit[0];
-        let cp = Checkpoint::from_metadata(c.offset, c.metadata.as_deref().unwrap()).unwrap();
-        assert_eq!((cp.offset, cp.progress_ms), (1, Some(S)));
+        let cp = c.checkpoint.unwrap();
+        assert_eq!((c.offset, cp.offset, cp.progress_ms), (1, 1, Some(S)));
 
         // A restart reads from o1 with the progress the original had there.
         let mut b = Feed::new(cfg(), &[]);
-        b.w.assign(0, Some(cp), b.t0);
+        b.w.assign(0, Some(cp), Some(cp.offset), b.t0);
         b.next.insert(0, 1);
         for ts in &seq[1..] {
             b.event(0, ts * S, 0);
@@ -1262,7 +1246,7 @@ mod tests {
             closed_through_ms: Some(10 * S),
         };
         let mut f = Feed::new(cfg(), &[]);
-        f.w.assign(0, Some(cp), f.t0);
+        f.w.assign(0, Some(cp), Some(0), f.t0);
         f.event(0, 5 * S, 0); // [0,10) was emitted before the restart
         f.event(0, 12 * S, 0);
         f.event(0, 30 * S, 0);
@@ -1296,14 +1280,30 @@ mod tests {
     }
 
     #[test]
-    fn checkpoint_metadata_round_trips_and_rejects_foreign_metadata() {
-        let c = Checkpoint {
-            offset: 7,
-            progress_ms: Some(-5),
-            closed_through_ms: None,
+    fn messages_below_a_checkpoint_ahead_of_the_commit_are_skipped_and_it_is_committed_again() {
+        // Checkpoint at o3 stored, the process died before committing it: the
+        // group's committed offset is still 1.
+        let cp = Checkpoint {
+            offset: 3,
+            progress_ms: Some(12 * S),
+            closed_through_ms: Some(10 * S),
         };
-        assert_eq!(Checkpoint::from_metadata(7, &c.metadata()), Some(c));
-        assert_eq!(Checkpoint::from_metadata(7, ""), None);
-        assert_eq!(Checkpoint::from_metadata(7, "something else"), None);
+        let mut f = Feed::new(cfg(), &[]);
+        f.w.assign(0, Some(cp), Some(1), f.t0);
+        f.next.insert(0, 1);
+        f.event(0, 12 * S, 0); // o1: already in a delivered window
+        f.invalid(0, 0); // o2: already dead-lettered
+        assert_eq!(f.w.replayed_total(), 2);
+        assert!(f
+            .w
+            .take_work(f.t0, true)
+            .is_some_and(|w| w.dead_letters.is_empty()
+                && w.commit
+                    .iter()
+                    .any(|c| c.offset == 3 && c.checkpoint == Some(cp))));
+        f.event(0, 14 * S, 0); // o3: judged with the checkpoint's progress
+        f.event(0, 30 * S, 0);
+        let users: Vec<_> = f.batches().iter().flat_map(|b| Feed::users(b)).collect();
+        assert_eq!(users, vec!["p0o3"]);
     }
 }

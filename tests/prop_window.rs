@@ -9,8 +9,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use login_metrics::batch::{Batch, WindowId, Work};
+use login_metrics::checkpoint::{self, Checkpoint, Restore};
 use login_metrics::event::{ErrorKind, Field, InvalidEvent, LoginEvent, FIELD_COUNT};
-use login_metrics::window::{Checkpoint, LatePolicy, WindowConfig, Windower};
+use login_metrics::window::{LatePolicy, WindowConfig, Windower};
 use proptest::prelude::*;
 
 /// One message of a partition: `Some(ts_ms)` a valid event, `None` invalid.
@@ -126,7 +127,7 @@ fn run(w: &mut Windower, seqs: &[Seq], from: &[i64], order: &[usize], t0: Instan
 fn fresh(hop_s: u64, partitions: usize, t0: Instant) -> Windower {
     let mut w = Windower::new(cfg(hop_s), "user-login");
     for p in 0..partitions {
-        w.assign(p as i32, None, t0);
+        w.assign(p as i32, None, None, t0);
     }
     w
 }
@@ -190,6 +191,7 @@ proptest! {
         picks_c in prop::collection::vec(0usize..8, 0..250),
         crash_at in 0usize..250,
         lost in 0usize..3,
+        uncommitted in 0usize..3,
     ) {
         let t0 = Instant::now();
         let n = seqs.len();
@@ -215,7 +217,9 @@ proptest! {
         prop_assert_eq!(&other.late, &reference.late);
 
         // A crash after `crash_at` messages of a third interleaving; the last
-        // `lost` works were published but never committed.
+        // `lost` works were published but nothing of them stored; before
+        // those, the last `uncommitted` had their checkpoints stored but the
+        // process died before committing their offsets.
         let order_c = interleaving(&seqs, &picks_c);
         let cut = crash_at.min(order_c.len());
         let mut first = fresh(hop_s, n, t0);
@@ -228,20 +232,32 @@ proptest! {
         for w in &works {
             crashed.add(w);
         }
-        let committed = works.len().saturating_sub(lost);
+        let stored = works.len().saturating_sub(lost);
+        let committed = stored.saturating_sub(uncommitted);
         let mut checkpoints: BTreeMap<i32, Checkpoint> = BTreeMap::new();
-        for w in &works[..committed] {
+        let mut offsets: BTreeMap<i32, i64> = BTreeMap::new();
+        for (i, w) in works[..stored].iter().enumerate() {
             for c in &w.commit {
-                let cp = Checkpoint::from_metadata(c.offset, c.metadata.as_deref().unwrap()).unwrap();
-                checkpoints.insert(c.partition, cp);
+                checkpoints.insert(c.partition, c.checkpoint.unwrap());
+                if i < committed {
+                    offsets.insert(c.partition, c.offset);
+                }
             }
         }
         let mut second = Windower::new(cfg(hop_s), "user-login");
         let from: Vec<i64> = (0..n)
             .map(|p| {
-                let cp = checkpoints.get(&(p as i32)).copied();
-                second.assign(p as i32, cp, t0);
-                cp.map_or(0, |c| c.offset)
+                let p = p as i32;
+                let committed = offsets.get(&p).copied();
+                let restore = checkpoint::resolve(committed, checkpoints.get(&p).copied());
+                let cp = match restore {
+                    Restore::From(c) => Some(c),
+                    Restore::Fresh => None,
+                    Restore::Stale { .. } => panic!("a checkpoint is stored before its commit"),
+                };
+                second.assign(p, cp, committed, t0);
+                // The consumer reads on from the committed offset.
+                committed.unwrap_or(0)
             })
             .collect();
         for w in run(&mut second, &seqs, &from, &order_b, t0) {

@@ -3,13 +3,9 @@
 //! partition fetches against the real test broker (tansu), and a run killed
 //! with SIGKILL three times while its input is still being produced — are
 //! compared with each other and with an oracle that computes windows and
-//! lateness per partition on its own, independently of the code.
-//!
-//! The killed run uses librdkafka's mock cluster, served by
-//! `login-metrics mock-cluster` in a process of its own, because a restart
-//! restores each partition's window checkpoint from the offset commit's
-//! metadata and tansu 0.6 does not keep that metadata (Apache Kafka and the
-//! mock cluster do).
+//! lateness per partition on its own, independently of the code. The
+//! restarts of the killed run restore each partition's window checkpoint from
+//! the checkpoint topic, which the service creates on the broker.
 
 mod common;
 
@@ -249,47 +245,6 @@ fn check_run(name: &str, run: &Published, expected: &Expected) -> BTreeMap<i64, 
     out
 }
 
-/// `login-metrics mock-cluster` in a process of its own, killed on drop.
-struct MockBroker {
-    child: std::process::Child,
-    bootstrap: String,
-}
-
-impl MockBroker {
-    fn start(topics: &[&str]) -> MockBroker {
-        use std::io::BufRead;
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_login-metrics"));
-        cmd.arg("mock-cluster");
-        for t in topics {
-            cmd.args(["--topic", t]);
-        }
-        let mut child = cmd
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("mock cluster starts");
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .expect("bootstrap servers");
-        assert!(
-            !line.trim().is_empty(),
-            "the mock cluster printed its address"
-        );
-        MockBroker {
-            child,
-            bootstrap: line.trim().to_string(),
-        }
-    }
-}
-
-impl Drop for MockBroker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn committed_on(bootstrap: &str, group: &str, topic: &str) -> Vec<i64> {
     let s = settings(
         bootstrap,
@@ -392,7 +347,8 @@ fn check_commit_order(stderr: &str, expected: &Expected) {
 async fn the_same_input_gives_the_same_windows_whatever_the_fetch_size_or_kill_9() {
     let b = Broker::start();
     b.create_topic(INPUT, PARTITIONS).await;
-    for g in ["a", "b"] {
+    b.create_topic("user-login-c", PARTITIONS).await;
+    for g in ["a", "b", "c"] {
         b.create_topic(&format!("{OUTPUT}-{g}"), 1).await;
         b.create_topic(&format!("{DLQ}-{g}"), 1).await;
     }
@@ -432,10 +388,8 @@ async fn the_same_input_gives_the_same_windows_whatever_the_fetch_size_or_kill_9
     }
 
     // Run C: the input arrives while the service runs, and the service is
-    // killed three times at random points and restarted; its broker (a mock
-    // cluster in a process of its own) keeps running throughout.
-    let mock = MockBroker::start(&["user-login-c:3", "login-metrics-c:1", "user-login-dlq-c:1"]);
-    let bs = mock.bootstrap.clone();
+    // killed three times at random points and restarted.
+    let bs = b.bootstrap.clone();
     let producer = {
         let bs = bs.clone();
         let mut chunks: Vec<Vec<Msg>> = (0..12).map(|_| Vec::new()).collect();
@@ -450,8 +404,7 @@ async fn the_same_input_gives_the_same_windows_whatever_the_fetch_size_or_kill_9
             }
         })
     };
-    let mut e = window_env(&b, "c", "user-login-c", &[]);
-    e.push(("LOGIN_METRICS__KAFKA__BOOTSTRAP_SERVERS".into(), bs.clone()));
+    let e = window_env(&b, "c", "user-login-c", &[]);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(20261121);
     for i in 0..3 {
         let mut svc = Service::start(dir.path(), &format!("c{i}"), &e);
@@ -474,11 +427,6 @@ async fn the_same_input_gives_the_same_windows_whatever_the_fetch_size_or_kill_9
     wait_committed_on(&bs, "c", "user-login-c", &expected.ends);
     last.signal("TERM");
     assert_eq!(last.wait_exit(DONE), Some(0), "{}", last.stderr());
-    assert!(
-        last.stderr().contains("window checkpoint restored"),
-        "the restart restored checkpoints: {}",
-        last.stderr()
-    );
     let run = published(&bs, &format!("{OUTPUT}-c"), &format!("{DLQ}-c"));
     contents.push(check_run("c", &run, &expected));
 
@@ -503,4 +451,80 @@ async fn the_same_input_gives_the_same_windows_whatever_the_fetch_size_or_kill_9
         strip(&contents[2]),
         "uninterrupted vs killed three times"
     );
+    assert!(
+        last.stderr().contains("window checkpoint restored"),
+        "the restart restored checkpoints: {}",
+        last.stderr()
+    );
+}
+
+/// The value of an unlabelled metric in a Prometheus text page.
+fn metric(page: &str, name: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// A maximally skewed backlog: partition 0's events are all in the topic
+/// before any of the others'. Its windows pile up until alignment pauses it
+/// (`login_metrics_partitions_paused`); only then are partitions 1 and 2
+/// produced. The windows are the oracle's, as in the interleaved runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_skewed_backlog_pauses_the_partition_ahead_and_gives_the_same_windows() {
+    let b = Broker::start();
+    let topic = "user-login-s";
+    b.create_topic(topic, PARTITIONS).await;
+    b.create_topic(&format!("{OUTPUT}-s"), 1).await;
+    b.create_topic(&format!("{DLQ}-s"), 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let msgs = input(78, 1_500);
+    let expected = oracle(&msgs);
+    let (ahead, behind): (Vec<Msg>, Vec<Msg>) = msgs.into_iter().partition(|m| m.partition == 0);
+    produce_msgs(&b.bootstrap, topic, &ahead);
+
+    // Silent partitions keep holding the watermark (idle 10 min), and no
+    // window closes by wait while partition 0 is paused.
+    let e = window_env(
+        &b,
+        "s",
+        topic,
+        &[
+            ("BATCH__MAX_BUFFERED", "300"),
+            ("BATCH__IDLE", "10m"),
+            ("BATCH__MAX_WAIT", "30s"),
+        ],
+    );
+    let mut svc = Service::start(dir.path(), "s", &e);
+    svc.wait_ready(READY);
+    let deadline = std::time::Instant::now() + DONE;
+    loop {
+        let page = svc
+            .http_get("/metrics")
+            .map(|(_, body)| body)
+            .unwrap_or_default();
+        if metric(&page, "login_metrics_partitions_paused").is_some_and(|v| v >= 1.0) {
+            let buffered = metric(&page, "login_metrics_window_events_buffered").unwrap();
+            assert!(
+                buffered <= 301.0,
+                "buffered {buffered} with the bound at 300"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "partition 0 was never paused: {}",
+            svc.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let committed = committed_on(&b.bootstrap, "s", topic);
+    assert!(
+        committed.iter().all(|o| *o <= 0),
+        "no window can close while partitions 1 and 2 have nothing: committed {committed:?}"
+    );
+    produce_msgs(&b.bootstrap, topic, &behind);
+    wait_committed_on(&b.bootstrap, "s", topic, &expected.ends);
+    svc.signal("TERM");
+    assert_eq!(svc.wait_exit(DONE), Some(0), "{}", svc.stderr());
+    let run = published(&b.bootstrap, &format!("{OUTPUT}-s"), &format!("{DLQ}-s"));
+    check_run("s", &run, &expected);
 }
