@@ -2,9 +2,10 @@
 //!
 //! The shape is specified by `docs/packet.schema.json`. A window packet's
 //! `packet_id` is derived from what the packet answers: the consumer group,
-//! the input topic, the window, the pane and a fingerprint of the analysis
-//! settings. A replay carries the id of the original, and two configurations
-//! never share one. An arrival packet's id is derived from the offset ranges
+//! the input topic, the window, the pane, the partitions whose events it
+//! counts and a fingerprint of the analysis settings. A replay carries the id
+//! of the original; two configurations never share one, nor do two instances
+//! of a group that each report their own partitions' share of a window. An arrival packet's id is derived from the offset ranges
 //! it covers, so a replay that closes at the same offsets carries the same id.
 
 use std::collections::BTreeMap;
@@ -120,11 +121,15 @@ impl Identity {
         }
     }
 
-    /// The id of a window's pane.
-    pub fn window_packet_id(&self, w: &WindowId) -> String {
+    /// The id of a window's pane over `partitions` (those with events in it).
+    pub fn window_packet_id(&self, w: &WindowId, partitions: &[i32]) -> String {
+        let mut partitions = partitions.to_vec();
+        partitions.sort_unstable();
+        partitions.dedup();
         let mut h = Sha256::new();
         h.update(self.prefix.as_bytes());
         h.update(format!("{}/{}/{}", w.start_ms, w.end_ms, w.pane));
+        h.update(format!("/p={partitions:?}"));
         let mut id = hex::encode(h.finalize());
         id.truncate(32);
         id
@@ -169,7 +174,14 @@ pub fn build(
     Packet {
         schema_version: SCHEMA_VERSION,
         packet_id: match &batch.window {
-            Some(w) => identity.window_packet_id(w),
+            Some(w) => identity.window_packet_id(
+                w,
+                &batch
+                    .sources
+                    .iter()
+                    .map(|s| s.partition)
+                    .collect::<Vec<_>>(),
+            ),
             None => packet_id(&batch.sources),
         },
         window: Window {
@@ -255,6 +267,26 @@ mod tests {
         assert_eq!(a, packet_id(&[range(0, 0, 9), range(1, 5, 7)]));
         assert_ne!(a, packet_id(&[range(0, 0, 9), range(1, 5, 8)]));
         assert_ne!(a, packet_id(&[range(0, 0, 9)]));
+    }
+
+    #[test]
+    fn a_window_id_depends_on_the_window_pane_partitions_and_settings() {
+        let slices = vec![vec![Field::UserId, Field::Ip]];
+        let off = Pseudonymizer::disabled();
+        let id = Identity::new("g", "user-login", &slices, 10, &off);
+        let w = |start_ms, pane| WindowId {
+            start_ms,
+            end_ms: start_ms + 10_000,
+            pane,
+        };
+        let a = id.window_packet_id(&w(0, 0), &[2, 0, 1]);
+        assert_eq!(a, id.window_packet_id(&w(0, 0), &[0, 1, 2]));
+        assert_ne!(a, id.window_packet_id(&w(10_000, 0), &[0, 1, 2]));
+        assert_ne!(a, id.window_packet_id(&w(0, 1), &[0, 1, 2]));
+        // Another instance's share of the same window.
+        assert_ne!(a, id.window_packet_id(&w(0, 0), &[0, 1]));
+        let other = Identity::new("g", "user-login", &slices, 11, &off);
+        assert_ne!(a, other.window_packet_id(&w(0, 0), &[0, 1, 2]));
     }
 
     #[test]
