@@ -270,6 +270,9 @@ impl ConfigError {
     }
 }
 
+/// The most rotated metrics log files kept.
+const MAX_KEEP: u64 = 1000;
+
 /// Tables whose keys are librdkafka properties, passed through unchecked.
 const PASS_THROUGH: [&str; 2] = ["kafka.consumer", "kafka.producer"];
 
@@ -286,7 +289,31 @@ impl Settings {
     ) -> Result<Settings, ConfigError> {
         let defaults = tree(config::Config::builder().add_source(default_source()))
             .expect("the embedded config/default.toml is valid");
-        let mut builder = config::Config::builder().add_source(default_source());
+        let (merged, mut problems) = Self::layers(&defaults, file, env)?;
+        match Self::from_tree(&merged, &defaults) {
+            Ok(s) if problems.is_empty() => Ok(s),
+            Ok(_) => Err(ConfigError { problems }),
+            Err(mut e) => {
+                problems.append(&mut e.problems);
+                Err(ConfigError { problems })
+            }
+        }
+    }
+
+    /// The merged key tree of the defaults, `file` and the environment, and
+    /// the problems found in single layers.
+    fn layers(
+        defaults: &Value,
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(Value, Vec<Problem>), ConfigError> {
+        // Each layer is read on its own and its librdkafka property names are
+        // normalised before the layers merge, so the later layer always wins
+        // whichever way it spells a property (`compression.level` in a file,
+        // `..._COMPRESSION_LEVEL` in the environment).
+        let mut problems = Vec::new();
+        let mut merged = defaults.clone();
+        normalise_properties(&mut merged, "config/default.toml", &mut problems);
         if let Some(path) = file {
             if !path.is_file() {
                 return Err(ConfigError::single(
@@ -294,22 +321,29 @@ impl Settings {
                     format!("{} is not a readable file", path.display()),
                 ));
             }
-            builder = builder.add_source(
+            let mut layer = tree(config::Config::builder().add_source(
                 config::File::from(path.to_path_buf()).format(config::FileFormat::Toml),
-            );
+            ))
+            .map_err(|e| ConfigError::single("--config", e))?;
+            normalise_properties(&mut layer, &path.display().to_string(), &mut problems);
+            merge(&mut merged, layer);
         }
         let env: config::Map<String, String> = env
             .into_iter()
             .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__")))
             .collect();
-        builder = builder.add_source(
-            config::Environment::with_prefix(ENV_PREFIX)
-                .prefix_separator("__")
-                .separator("__")
-                .source(Some(env)),
-        );
-        let merged = tree(builder).map_err(|e| ConfigError::single("--config", e.to_string()))?;
-        Self::from_tree(&merged, &defaults)
+        let mut layer = tree(
+            config::Config::builder().add_source(
+                config::Environment::with_prefix(ENV_PREFIX)
+                    .prefix_separator("__")
+                    .separator("__")
+                    .source(Some(env)),
+            ),
+        )
+        .map_err(|e| ConfigError::single("--config", e))?;
+        normalise_properties(&mut layer, "the environment", &mut problems);
+        merge(&mut merged, layer);
+        Ok((merged, problems))
     }
 
     /// Validates a merged key tree against the defaults' key tree.
@@ -438,7 +472,7 @@ impl Settings {
         let metrics_log = MetricsLogSettings {
             path: (!log_path.is_empty()).then(|| PathBuf::from(log_path)),
             max_bytes: r.int("metrics_log.max_bytes", 1),
-            keep: r.int("metrics_log.keep", 0) as usize,
+            keep: r.int_in("metrics_log.keep", 0, MAX_KEEP) as usize,
         };
         let log = LogSettings {
             format: match r.one_of("log.format", &["text", "json"]).as_str() {
@@ -592,6 +626,54 @@ fn default_source() -> config::File<config::FileSourceString, config::FileFormat
     config::File::from_str(DEFAULT_TOML, config::FileFormat::Toml)
 }
 
+/// Rewrites the keys of the librdkafka property tables of one layer in their
+/// dotted form. Environment variables cannot carry dots and librdkafka
+/// property names never contain underscores, so the mapping is unambiguous;
+/// a layer that spells one property both ways is rejected.
+fn normalise_properties(layer: &mut Value, name: &str, problems: &mut Vec<Problem>) {
+    for path in PASS_THROUGH {
+        let (section, table) = path.split_once('.').expect("section.table");
+        let Some(Value::Object(map)) = layer.get_mut(section).and_then(|v| v.get_mut(table)) else {
+            continue;
+        };
+        let mut out = serde_json::Map::new();
+        let mut spelled: BTreeMap<String, String> = BTreeMap::new();
+        for (k, v) in std::mem::take(map) {
+            let dotted = k.replace('_', ".");
+            if let Some(first) = spelled.get(&dotted) {
+                problems.push(Problem {
+                    key: format!("{path}.{dotted}"),
+                    message: format!(
+                        "{name} sets this property twice, as `{first}` and `{k}`; keep one"
+                    ),
+                });
+                continue;
+            }
+            spelled.insert(dotted.clone(), k);
+            out.insert(dotted, v);
+        }
+        *map = out;
+    }
+}
+
+/// Merges a later layer over an earlier one: tables merge key by key, any
+/// other value replaces the earlier one.
+fn merge(into: &mut Value, later: Value) {
+    match (into, later) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in b {
+                match a.get_mut(&k) {
+                    Some(slot) => merge(slot, v),
+                    None => {
+                        a.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v,
+    }
+}
+
 fn tree(builder: config::ConfigBuilder<config::builder::DefaultState>) -> Result<Value, String> {
     builder
         .build()
@@ -671,6 +753,15 @@ impl Reader<'_> {
             self.problem(key, format!("`{s}` is not one of: {}", choices.join(", ")));
         }
         s
+    }
+
+    fn int_in(&mut self, key: &str, min: u64, max: u64) -> u64 {
+        let n = self.int(key, min);
+        if n > max {
+            self.problem(key, format!("must be at most {max}, found {n}"));
+            return max;
+        }
+        n
     }
 
     fn int(&mut self, key: &str, min: u64) -> u64 {
@@ -1030,7 +1121,58 @@ mod tests {
             env(&[("LOGIN_METRICS__KAFKA__CONSUMER__ENABLE_AUTO_COMMIT", "true")]),
         )
         .unwrap_err();
-        assert_eq!(keys(err), vec!["kafka.consumer.enable_auto_commit"]);
+        assert_eq!(keys(err), vec!["kafka.consumer.enable.auto.commit"]);
+    }
+
+    #[test]
+    fn an_environment_property_reaches_the_settings_in_dotted_form() {
+        let s = Settings::load_with_env(
+            None,
+            env(&[
+                ("LOGIN_METRICS__KAFKA__PRODUCER__COMPRESSION_LEVEL", "9"),
+                ("LOGIN_METRICS__KAFKA__CONSUMER__SASL_PASSWORD", "rotated"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.kafka.producer["compression.level"], "9");
+        assert_eq!(s.kafka.consumer["sasl.password"], "rotated");
+    }
+
+    #[test]
+    fn layers_merge_one_key_per_property_with_the_later_layer_winning() {
+        let defaults = tree(config::Config::builder().add_source(default_source())).unwrap();
+        let (merged, problems) = Settings::layers(
+            &defaults,
+            None,
+            env(&[("LOGIN_METRICS__KAFKA__PRODUCER__COMPRESSION_LEVEL", "9")]),
+        )
+        .unwrap();
+        assert!(problems.is_empty());
+        assert_eq!(
+            merged["kafka"]["producer"],
+            serde_json::json!({"compression.level": "9"})
+        );
+    }
+
+    #[test]
+    fn a_layer_spelling_one_property_twice_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[kafka.producer]\n\"linger.ms\" = \"5\"\nlinger_ms = \"50\"\n",
+        )
+        .unwrap();
+        let err = Settings::load_with_env(Some(&path), env(&[])).unwrap_err();
+        assert_eq!(keys(err), vec!["kafka.producer.linger.ms"]);
+    }
+
+    #[test]
+    fn metrics_log_keep_is_bounded() {
+        let err =
+            Settings::load_with_env(None, env(&[("LOGIN_METRICS__METRICS_LOG__KEEP", "100000")]))
+                .unwrap_err();
+        assert_eq!(keys(err), vec!["metrics_log.keep"]);
     }
 
     #[test]
