@@ -117,6 +117,7 @@ impl Delivery {
                 key: Some(packet.packet_id.clone().into_bytes()),
                 payload: Arc::from(json.as_bytes()),
                 headers: vec![("content-type", b"application/json".to_vec())],
+                reducible: false,
             });
         }
         if !k.dlq_topic.is_empty() {

@@ -5,6 +5,12 @@
 //! idempotent producer). Records that fail are sent again with exponential
 //! backoff; after `kafka.delivery_attempts` attempts the batch is reported
 //! undeliverable, and the caller stops without committing it.
+//!
+//! A dead letter that fails for a reason that will not change on a retry (too
+//! large for the producer or the broker, or rejected as an invalid record) is
+//! *reduced* instead: its payload is cut to [`REDUCED_PAYLOAD_BYTES`], headers
+//! record the original size, and it is sent again. One oversized message in
+//! the input must never stop the stream.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,7 +34,12 @@ pub struct OutRecord {
     pub key: Option<Vec<u8>>,
     pub payload: Arc<[u8]>,
     pub headers: Vec<(&'static str, Vec<u8>)>,
+    /// A dead letter may be reduced when the broker will never take it whole.
+    pub reducible: bool,
 }
+
+/// The payload kept of a dead letter that is too large to deliver whole.
+pub const REDUCED_PAYLOAD_BYTES: usize = 64 * 1024;
 
 impl OutRecord {
     /// The dead letter of an invalid message: its original key and bytes, and
@@ -45,8 +56,40 @@ impl OutRecord {
                 ("source.partition", m.partition.to_string().into_bytes()),
                 ("source.offset", m.offset.to_string().into_bytes()),
             ],
+            reducible: true,
         }
     }
+
+    /// The same dead letter with its payload cut to `keep` bytes and headers
+    /// that say so (`dead_letter.original_bytes`, `dead_letter.truncated`).
+    /// The key is cut the same way: it can be as large as the payload.
+    pub fn reduced(&self, keep: usize) -> OutRecord {
+        let mut r = self.clone();
+        r.payload = Arc::from(&self.payload[..self.payload.len().min(keep)]);
+        if let Some(k) = &mut r.key {
+            k.truncate(keep.min(1024));
+        }
+        r.headers.push((
+            "dead_letter.original_bytes",
+            self.payload.len().to_string().into_bytes(),
+        ));
+        r.headers.push(("dead_letter.truncated", b"true".to_vec()));
+        r.reducible = false;
+        r
+    }
+}
+
+/// Whether a failed record would fail the same way however often it is sent.
+fn permanent_for_its_content(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::MessageBatchTooLarge
+                | RDKafkaErrorCode::InvalidRecord
+                | RDKafkaErrorCode::InvalidMessageSize
+        )
+    )
 }
 
 /// Why a batch could not be delivered.
@@ -113,15 +156,18 @@ impl Publisher {
     /// Delivers every record, retrying failures; returns when all are acknowledged.
     pub async fn deliver(&self, records: &[OutRecord]) -> Result<(), DeliveryError> {
         let mut pending: Vec<usize> = (0..records.len()).collect();
+        let mut reduced: Vec<Option<OutRecord>> = vec![None; records.len()];
         let mut attempt = 0;
         loop {
             attempt += 1;
             let started = Instant::now();
             let mut futures = Vec::with_capacity(pending.len());
             for &i in &pending {
-                futures.push((i, self.enqueue(&records[i]).await));
+                let r = reduced[i].as_ref().unwrap_or(&records[i]);
+                futures.push((i, self.enqueue(r).await));
             }
             let mut failed = Vec::new();
+            let mut reduce = Vec::new();
             let mut last_error = None;
             for (i, fut) in futures {
                 let outcome = match fut {
@@ -133,10 +179,29 @@ impl Publisher {
                     Err(e) => Err(e),
                 };
                 if let Err(e) = outcome {
+                    let r = reduced[i].as_ref().unwrap_or(&records[i]);
+                    if r.reducible && permanent_for_its_content(&e) {
+                        warn!(
+                            topic = %r.topic,
+                            bytes = r.payload.len(),
+                            error = %e,
+                            "dead letter cannot be delivered whole; sending it truncated to {REDUCED_PAYLOAD_BYTES} bytes"
+                        );
+                        reduced[i] = Some(r.reduced(REDUCED_PAYLOAD_BYTES));
+                        reduce.push(i);
+                        continue;
+                    }
                     failed.push(i);
                     last_error = Some(e);
                 }
             }
+            if !reduce.is_empty() && failed.is_empty() {
+                // Not a failed attempt: the reduced records go again at once.
+                attempt -= 1;
+                pending = reduce;
+                continue;
+            }
+            failed.extend(reduce);
             metrics::histogram!(telemetry::DELIVERY_SECONDS)
                 .record(started.elapsed().as_secs_f64());
             if let Some(fatal) = self.producer.client().fatal_error() {
@@ -251,5 +316,37 @@ mod tests {
                 ("source.offset", "41".into()),
             ]
         );
+    }
+
+    #[test]
+    fn a_reduced_dead_letter_keeps_its_coordinates_and_says_what_was_cut() {
+        let m = InvalidMessage {
+            topic: Arc::from("user-login"),
+            partition: 0,
+            offset: 7,
+            key: None,
+            payload: vec![b'x'; 1_500_000],
+            kind: ErrorKind::NotJson,
+            reason: "not JSON".into(),
+        };
+        let r = OutRecord::dead_letter(&Arc::from("dlq"), &m).reduced(REDUCED_PAYLOAD_BYTES);
+        assert_eq!(r.payload.len(), REDUCED_PAYLOAD_BYTES);
+        assert!(!r.reducible, "reduced once only");
+        let h = |k: &str| {
+            r.headers
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| String::from_utf8(v.clone()).unwrap())
+        };
+        assert_eq!(h("source.offset").as_deref(), Some("7"));
+        assert_eq!(h("error.kind").as_deref(), Some("not_json"));
+        assert_eq!(h("dead_letter.original_bytes").as_deref(), Some("1500000"));
+        assert_eq!(h("dead_letter.truncated").as_deref(), Some("true"));
+        assert!(permanent_for_its_content(&KafkaError::MessageProduction(
+            RDKafkaErrorCode::MessageSizeTooLarge
+        )));
+        assert!(!permanent_for_its_content(&KafkaError::MessageProduction(
+            RDKafkaErrorCode::BrokerTransportFailure
+        )));
     }
 }

@@ -135,6 +135,52 @@ async fn end_to_end_over_tcp_counts_match_a_naive_count_and_dead_letters_arrive_
     );
 }
 
+/// A 1.5 MB message that is not JSON: the broker takes it, the service's
+/// producer may send at most 1 MB. It is dead-lettered truncated, with its
+/// original size, and the stream goes on: every offset is committed, the
+/// process exits 0 and no packet is published twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_malformed_message_is_dead_lettered_truncated_and_the_stream_goes_on() {
+    let b = broker_with_topics(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut inputs, mut malformed) = generated_input(33, 100, 400, 1);
+    inputs.insert(200, common::input(0, vec![b'#'; 1_500_000]));
+    malformed.insert(200, true);
+    let input = produce_input(&b.bootstrap, &inputs, &malformed);
+    let ends = end_offsets(&input, 1);
+    let mut svc = Service::start(
+        dir.path(),
+        "big",
+        &env(&b, "big", &[("BATCH__MAX_EVENTS", "100")]),
+    );
+    svc.wait_ready(READY);
+    wait_committed(&b.bootstrap, "big", &ends, DONE);
+    svc.signal("TERM");
+    assert_eq!(svc.wait_exit(DONE), Some(0), "{}", svc.stderr());
+
+    let dead = read_all(&b.bootstrap, DLQ);
+    let big: Vec<&Read> = dead
+        .iter()
+        .filter(|d| d.headers["source.offset"] == "200")
+        .collect();
+    assert_eq!(big.len(), 1, "the oversized message is dead-lettered once");
+    let d = big[0];
+    assert_eq!(
+        d.payload,
+        vec![b'#'; login_metrics::sink::REDUCED_PAYLOAD_BYTES]
+    );
+    assert_eq!(d.headers["dead_letter.original_bytes"], "1500000");
+    assert_eq!(d.headers["dead_letter.truncated"], "true");
+    assert_eq!(d.headers["error.kind"], "not_json");
+    let packets = read_packets(&b.bootstrap);
+    let mut ids: Vec<&str> = packets.iter().map(|p| p.packet_id.as_str()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), packets.len(), "no packet published twice");
+    let valid: u64 = packets.iter().map(|p| p.events.valid).sum();
+    assert_eq!(valid, malformed.iter().filter(|m| !**m).count() as u64);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_points_loses_nothing() {
     let b = broker_with_topics(3).await;

@@ -76,6 +76,8 @@ pub fn produce(bootstrap: &str, topic: &str, messages: &[Input]) -> Vec<i64> {
         .set("bootstrap.servers", bootstrap)
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
+        // Brokers take larger messages than the service's producer may send.
+        .set("message.max.bytes", "4000000")
         .create()
         .expect("test producer");
     for m in messages {
