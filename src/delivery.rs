@@ -10,12 +10,13 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use chrono::Utc;
 use tokio::sync::mpsc;
-use tracing::{error, info};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
 
 use crate::analysis;
 use crate::batch::{Columns, CommitPoint, Work};
@@ -25,7 +26,7 @@ use crate::packet::{self, Identity, Packet};
 use crate::privacy::Pseudonymizer;
 use crate::settings::Settings;
 use crate::sink::{OutRecord, Publisher};
-use crate::telemetry::{self, Progress};
+use crate::telemetry::{self, Health, LogLimit, Progress};
 
 /// What delivery reports back for each work, in order.
 #[derive(Debug)]
@@ -50,7 +51,16 @@ pub struct Delivery {
     pub identity: Identity,
     pub progress: Arc<Progress>,
     pub on_packet: Option<PacketHook>,
+    pub health: Arc<Health>,
+    /// Cancelled at shutdown: bounds the metrics log retries.
+    pub shutdown: CancellationToken,
+    pub log_errors: LogLimit,
 }
+
+/// The longest wait between two attempts to append to the metrics log.
+const MAX_LOG_BACKOFF: Duration = Duration::from_secs(30);
+/// How long the metrics log is still retried once shutdown was requested.
+pub const LOG_RETRY_AT_SHUTDOWN: Duration = Duration::from_secs(10);
 
 impl Delivery {
     /// Delivers work until the channel closes or a work fails.
@@ -69,6 +79,58 @@ impl Delivery {
                 return;
             }
         }
+    }
+
+    /// Appends the lines to the metrics log, retrying a failed append with
+    /// backoff for as long as it takes: the packets are already published, so
+    /// giving up would mean publishing them again after a restart. The work's
+    /// commit waits meanwhile; `/readyz` and
+    /// `login_metrics_metrics_log_failures_total` say so. At shutdown the
+    /// retries stop after [`LOG_RETRY_AT_SHUTDOWN`].
+    async fn append_to_log(
+        &self,
+        log: &Arc<Mutex<MetricsLog>>,
+        lines: Vec<String>,
+    ) -> anyhow::Result<()> {
+        let mut next = 0;
+        let mut attempt = 0u32;
+        let mut stopping_since: Option<Instant> = None;
+        while next < lines.len() {
+            let (log2, line) = (log.clone(), lines[next].clone());
+            let result = tokio::task::spawn_blocking(move || {
+                log2.lock().expect("metrics log lock").append(&line)
+            })
+            .await?;
+            match result {
+                Ok(()) => {
+                    next += 1;
+                    if attempt > 0 {
+                        info!(attempts = attempt + 1, "metrics log written again");
+                        self.health.set_log_ok(true);
+                        attempt = 0;
+                    }
+                }
+                Err(e) => {
+                    attempt += 1;
+                    metrics::counter!(telemetry::METRICS_LOG_FAILURES).increment(1);
+                    self.health.set_log_ok(false);
+                    if self.shutdown.is_cancelled() {
+                        let since = *stopping_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= LOG_RETRY_AT_SHUTDOWN {
+                            return Err(anyhow::Error::new(e).context(
+                                "cannot append to the metrics log; stopping with the packet published but not logged or committed",
+                            ));
+                        }
+                    }
+                    let wait = Duration::from_millis(250u64 << attempt.min(7)).min(MAX_LOG_BACKOFF);
+                    if self.log_errors.allow() {
+                        warn!(error = %e, attempt, "cannot append to the metrics log; the commit waits; retrying in {}", humantime::format_duration(wait));
+                    }
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn handle(&self, work: Work) -> anyhow::Result<Ack> {
@@ -133,14 +195,8 @@ impl Delivery {
         }
 
         if let (Some(log), false) = (&self.metrics_log, built.is_empty()) {
-            let log = log.clone();
             let lines: Vec<String> = built.iter().map(|(_, json, _)| json.clone()).collect();
-            tokio::task::spawn_blocking(move || {
-                let mut log = log.lock().expect("metrics log lock");
-                lines.iter().try_for_each(|l| log.append(l))
-            })
-            .await?
-            .context("cannot append to the metrics log")?;
+            self.append_to_log(log, lines).await?;
         }
 
         metrics::counter!(telemetry::MESSAGES).increment(messages);

@@ -21,6 +21,9 @@ pub struct MetricsLog {
     keep: usize,
     file: File,
     size: u64,
+    /// A write failed: reopen the path before the next one (the file may have
+    /// been replaced, or the failure may have left the handle unusable).
+    reopen: bool,
 }
 
 impl MetricsLog {
@@ -36,11 +39,33 @@ impl MetricsLog {
             keep,
             file,
             size,
+            reopen: false,
         })
     }
 
-    /// Appends one line (a newline is added) and syncs it to disk.
+    /// Appends one line (a newline is added) and syncs it to disk. On failure
+    /// (a full disk, say) the file is cut back to its last whole line, so the
+    /// caller can simply try the same line again later.
     pub fn append(&mut self, line: &str) -> io::Result<()> {
+        if self.reopen {
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)?;
+            self.size = file.metadata()?.len();
+            self.file = file;
+            self.reopen = false;
+        }
+        let result = self.write_line(line);
+        if result.is_err() {
+            // Best effort: a torn line must not be glued to the next one.
+            let _ = self.file.set_len(self.size);
+            self.reopen = true;
+        }
+        result
+    }
+
+    fn write_line(&mut self, line: &str) -> io::Result<()> {
         let len = line.len() as u64 + 1;
         if self.size > 0 && self.size + len > self.max_bytes {
             self.rotate()?;
@@ -127,6 +152,19 @@ mod tests {
             .append("b")
             .unwrap();
         assert_eq!(fs::read_to_string(&path).unwrap(), "a\nb\n");
+    }
+
+    #[test]
+    fn a_failed_append_leaves_no_torn_line_and_the_next_attempt_reopens_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.log");
+        std::os::unix::fs::symlink("/dev/full", &path).unwrap();
+        let mut log = MetricsLog::open(&path, 1 << 20, 2).unwrap();
+        assert!(log.append("{\"a\":1}").is_err(), "no space on /dev/full");
+        fs::remove_file(&path).unwrap();
+        log.append("{\"a\":1}").unwrap();
+        log.append("{\"b\":2}").unwrap();
+        assert_eq!(fs::read_to_string(&path).unwrap(), "{\"a\":1}\n{\"b\":2}\n");
     }
 
     #[test]

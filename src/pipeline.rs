@@ -31,8 +31,8 @@ use crate::privacy::Pseudonymizer;
 use crate::settings::{BatchMode, LateSetting, Settings};
 use crate::sink::{self, Publisher};
 use crate::source::{self, Driver, Grouping};
-use crate::telemetry::Health;
 pub use crate::telemetry::Progress;
+use crate::telemetry::{Health, LogLimit};
 use crate::window::{LatePolicy, WindowConfig, Windower};
 
 /// What a finished run did.
@@ -189,6 +189,9 @@ impl Pipeline {
             identity,
             progress: self.progress.clone(),
             on_packet: self.on_packet.clone(),
+            health: self.health.clone(),
+            shutdown: shutdown.clone(),
+            log_errors: LogLimit::new("metrics log errors", 5, Duration::from_secs(60)),
         };
         let publisher = delivery.publisher.clone();
         let delivery_task = tokio::spawn(delivery.run(work_rx, ack_tx));

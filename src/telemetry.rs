@@ -36,6 +36,7 @@ pub const DELIVERY_FAILURES: &str = "login_metrics_delivery_failures_total";
 pub const COMMITS: &str = "login_metrics_offset_commits_total";
 pub const COMMIT_FAILURES: &str = "login_metrics_offset_commit_failures_total";
 pub const CHECKPOINT_FAILURES: &str = "login_metrics_checkpoint_write_failures_total";
+pub const METRICS_LOG_FAILURES: &str = "login_metrics_metrics_log_failures_total";
 pub const COMMITTED: &str = "login_metrics_messages_committed_total";
 pub const CONSUMER_LAG: &str = "login_metrics_consumer_lag";
 pub const UPTIME: &str = "login_metrics_uptime_seconds";
@@ -174,6 +175,10 @@ fn describe() {
     describe_counter!(COMMITS, "Successful offset commits.");
     describe_counter!(COMMIT_FAILURES, "Failed offset commit attempts.");
     describe_counter!(
+        METRICS_LOG_FAILURES,
+        "Failed appends to the metrics log (each is retried; the commit waits)."
+    );
+    describe_counter!(
         CHECKPOINT_FAILURES,
         "Failed window checkpoint writes (the commit waits and is retried)."
     );
@@ -267,6 +272,8 @@ pub struct Health {
     assigned_partitions: AtomicU64,
     brokers_up: AtomicBool,
     loop_running: AtomicBool,
+    /// False while appends to the metrics log fail and are retried.
+    log_ok: AtomicBool,
 }
 
 /// The loop counts as stalled when it has not turned for this long.
@@ -280,6 +287,7 @@ impl Default for Health {
             assigned_partitions: AtomicU64::new(0),
             brokers_up: AtomicBool::new(false),
             loop_running: AtomicBool::new(false),
+            log_ok: AtomicBool::new(true),
         }
     }
 }
@@ -306,6 +314,14 @@ impl Health {
         self.brokers_up.store(up, Ordering::Relaxed);
     }
 
+    pub fn set_log_ok(&self, ok: bool) {
+        self.log_ok.store(ok, Ordering::Relaxed);
+    }
+
+    pub fn log_ok(&self) -> bool {
+        self.log_ok.load(Ordering::Relaxed)
+    }
+
     pub fn assigned(&self) -> u64 {
         self.assigned_partitions.load(Ordering::Relaxed)
     }
@@ -313,11 +329,17 @@ impl Health {
     pub fn is_alive(&self) -> bool {
         let last = self.heartbeat_ms.load(Ordering::Relaxed);
         let now = self.started.elapsed().as_millis() as i64;
-        self.loop_running.load(Ordering::Relaxed) && now - last < STALL.as_millis() as i64
+        // While the metrics log is retried, the consumer waits for delivery
+        // on purpose: alive, though not ready.
+        self.loop_running.load(Ordering::Relaxed)
+            && (now - last < STALL.as_millis() as i64 || !self.log_ok())
     }
 
     pub fn is_ready(&self) -> bool {
-        self.is_alive() && self.brokers_up.load(Ordering::Relaxed) && self.assigned() > 0
+        self.is_alive()
+            && self.brokers_up.load(Ordering::Relaxed)
+            && self.assigned() > 0
+            && self.log_ok()
     }
 }
 
@@ -379,6 +401,11 @@ async fn readyz(State(s): State<AppState>) -> (StatusCode, &'static str) {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             "pipeline loop is not running\n",
+        )
+    } else if !s.health.log_ok() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "metrics log cannot be written; retrying\n",
         )
     } else if s.health.assigned() == 0 {
         (StatusCode::SERVICE_UNAVAILABLE, "no partitions assigned\n")

@@ -181,6 +181,69 @@ async fn an_oversized_malformed_message_is_dead_lettered_truncated_and_the_strea
     assert_eq!(valid, malformed.iter().filter(|m| !**m).count() as u64);
 }
 
+/// The metrics log on a full disk (`/dev/full`): each packet is published
+/// once, the commit waits while appends are retried (the failure counter and
+/// `/readyz` say so, `/healthz` stays up), and once the log can be written
+/// again the pipeline goes on by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_under_the_metrics_log_delays_the_commit_and_never_duplicates_a_packet() {
+    let b = broker_with_topics(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    // Service::start puts the log at DIR/NAME.metrics.log.
+    let log = dir.path().join("full.metrics.log");
+    std::os::unix::fs::symlink("/dev/full", &log).unwrap();
+    let (inputs, malformed) = generated_input(44, 100, 900, 1);
+    let input = produce_input(&b.bootstrap, &inputs, &malformed);
+    let ends = end_offsets(&input, 1);
+    let mut svc = Service::start(
+        dir.path(),
+        "full",
+        &env(&b, "full", &[("BATCH__MAX_EVENTS", "300")]),
+    );
+    let deadline = std::time::Instant::now() + DONE;
+    loop {
+        let page = svc.http_get("/metrics").map(|(_, b)| b).unwrap_or_default();
+        let failures = metric(&page, "login_metrics_metrics_log_failures_total").unwrap_or(0.0);
+        if failures >= 2.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no failed append seen: {}",
+            svc.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(svc.http_get("/readyz").map(|r| r.0), Some(503));
+    assert_eq!(svc.http_get("/healthz").map(|r| r.0), Some(200));
+    assert_eq!(
+        committed(&b.bootstrap, "full", 1),
+        vec![-1],
+        "nothing is committed while its packet is not in the log"
+    );
+    let before = read_packets(&b.bootstrap);
+    assert!(!before.is_empty(), "the packet is published meanwhile");
+
+    // Room again: the next retry reopens the path as a regular file.
+    std::fs::remove_file(&log).unwrap();
+    wait_committed(&b.bootstrap, "full", &ends, DONE);
+    assert_eq!(svc.http_get("/readyz").map(|r| r.0), Some(200));
+    svc.signal("TERM");
+    assert_eq!(svc.wait_exit(DONE), Some(0), "{}", svc.stderr());
+    let packets = read_packets(&b.bootstrap);
+    let mut ids: Vec<&str> = packets.iter().map(|p| p.packet_id.as_str()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), packets.len(), "no packet published twice");
+    assert_eq!(
+        svc.logged_packets(),
+        packets,
+        "the log holds every packet once"
+    );
+    let valid: u64 = packets.iter().map(|p| p.events.valid).sum();
+    assert_eq!(valid, malformed.iter().filter(|m| !**m).count() as u64);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_points_loses_nothing() {
     let b = broker_with_topics(3).await;

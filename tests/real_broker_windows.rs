@@ -458,12 +458,6 @@ async fn the_same_input_gives_the_same_windows_whatever_the_fetch_size_or_kill_9
     );
 }
 
-/// The value of an unlabelled metric in a Prometheus text page.
-fn metric(page: &str, name: &str) -> Option<f64> {
-    page.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
 /// A maximally skewed backlog: partition 0's events are all in the topic
 /// before any of the others'. Its windows pile up until alignment pauses it
 /// (`login_metrics_partitions_paused`); only then are partitions 1 and 2
