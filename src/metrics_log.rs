@@ -15,6 +15,15 @@ use std::path::{Path, PathBuf};
 use flate2::write::GzEncoder;
 use flate2::Compression;
 
+/// The name of the `n`th rotation of the log at `path`: `PATH.n.gz`, 1 the
+/// newest. `PATH.0.gz` is the rotation being written, a copy of `PATH` that
+/// readers must skip. Shared with [`crate::tail`], which reads the rotations back.
+pub fn rotated_path(path: &Path, n: usize) -> PathBuf {
+    let mut name = path.as_os_str().to_os_string();
+    name.push(format!(".{n}.gz"));
+    PathBuf::from(name)
+}
+
 pub struct MetricsLog {
     path: PathBuf,
     max_bytes: u64,
@@ -55,9 +64,7 @@ impl MetricsLog {
     }
 
     fn rotated(&self, n: usize) -> PathBuf {
-        let mut name = self.path.as_os_str().to_os_string();
-        name.push(format!(".{n}.gz"));
-        PathBuf::from(name)
+        rotated_path(&self.path, n)
     }
 
     fn rotate(&mut self) -> io::Result<()> {
