@@ -28,7 +28,8 @@
 //!
 //! [`pipeline`] is the thin async shell that wires these together;
 //! [`settings`] loads the layered configuration, [`telemetry`] serves
-//! metrics and health, [`generator`] and [`demo`] make realistic test data.
+//! metrics and health, [`generator`] and [`demo`] make realistic test data,
+//! [`tail`] reads the metrics log back for people.
 //!
 //! Errors are classed where they arise: an invalid message is *skipped* (to
 //! the dead-letter topic, counted, logged); a failed delivery or commit is
@@ -51,6 +52,7 @@ pub mod privacy;
 pub mod settings;
 pub mod sink;
 pub mod source;
+pub mod tail;
 pub mod telemetry;
 pub mod window;
 

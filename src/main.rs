@@ -8,8 +8,8 @@ use login_metrics::demo;
 use login_metrics::generator::{Generator, GeneratorConfig};
 use login_metrics::privacy::Pseudonymizer;
 use login_metrics::settings::Settings;
-use login_metrics::telemetry;
 use login_metrics::Pipeline;
+use login_metrics::{tail, telemetry};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -67,6 +67,20 @@ enum Command {
         /// A topic to create, as NAME:PARTITIONS; repeatable.
         #[arg(long = "topic")]
         topics: Vec<String>,
+    },
+    /// Print the metrics log readably, rotated files first (publication order).
+    Tail {
+        /// The metrics log; by default the configured metrics_log.path.
+        file: Option<PathBuf>,
+        /// Then keep printing packets as they are appended, across rotations,
+        /// until SIGINT or SIGTERM.
+        #[arg(long, short)]
+        follow: bool,
+        /// Print the packets' JSON lines unchanged instead.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
     /// Print the effective configuration (secrets redacted) and exit.
     Config {
@@ -129,6 +143,44 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, ExitCode> {
         Command::Config { config } => {
             print!("{}", load(config.as_ref())?.redacted_toml());
             ExitCode::SUCCESS
+        }
+        Command::Tail {
+            file,
+            follow,
+            json,
+            config,
+        } => {
+            let path = match file {
+                Some(f) => f,
+                None => match load(config.as_ref())?.metrics_log.path {
+                    Some(p) => p,
+                    None => {
+                        eprintln!("login-metrics tail: metrics_log.path is empty (the metrics log is disabled); name the FILE to read");
+                        return Ok(ExitCode::from(2));
+                    }
+                },
+            };
+            let stop = CancellationToken::new();
+            if follow {
+                handle_signals(stop.clone());
+            }
+            let options = tail::Options { json, follow };
+            let result = tokio::task::spawn_blocking(move || {
+                let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+                tail::tail(&path, options, &mut out, &mut std::io::stderr(), &stop)
+            })
+            .await;
+            match result {
+                Ok(Ok(())) => ExitCode::SUCCESS,
+                Ok(Err(e)) => {
+                    eprintln!("login-metrics tail: {e:#}");
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    eprintln!("login-metrics tail: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::Health { url } => match telemetry::check_health(&url) {
             Ok(()) => ExitCode::SUCCESS,
