@@ -335,12 +335,13 @@ fn follow_prints_appended_packets_through_both_kinds_of_rotation() {
     log.append(&json[2]).unwrap();
     tail.expect(&formatted(&ps[2..3]), "an appended packet");
 
-    // metrics_log's own rotation (copy to .1.gz, truncate in place), with a
-    // packet appended just before it that tail has not read yet: stopped, it
-    // cannot.
+    // metrics_log's own rotation (rename to .0, compress to .1.gz on a
+    // thread of its own), with a packet appended just before it that tail has
+    // not read yet: stopped, it cannot.
     tail.signal("-STOP");
     log.append(&json[3]).unwrap();
     log.append(&json[4]).unwrap();
+    log.settle().unwrap();
     assert!(rotated_path(&path, 1).exists());
     assert_eq!(fs::read_to_string(&path).unwrap(), format!("{}\n", json[4]));
     tail.signal("-CONT");
