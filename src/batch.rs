@@ -2,7 +2,9 @@
 //! hands to delivery ([`Batch`], [`Work`]).
 //!
 //! An arrival batch is whatever arrived together. It closes
-//! - **count**: when it holds `max_events` valid events;
+//! - **count**: when it holds `max_events` valid events, or as many invalid
+//!   messages, or [`MAX_HELD_INVALID_BYTES`] of them (a flood of garbage must
+//!   not grow memory without bound);
 //! - **span**: when the next event would make its event-time span (largest
 //!   minus smallest timestamp) exceed `max_span`; that event starts the next batch;
 //! - **wait**: when `max_wait` of wall-clock time has passed since its first
@@ -252,6 +254,10 @@ impl Batch {
     }
 }
 
+/// The bytes of invalid messages one batch (or window mode, between two
+/// hand-overs) holds before they are handed to delivery.
+pub const MAX_HELD_INVALID_BYTES: usize = 64 << 20;
+
 /// The closing thresholds.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -267,6 +273,7 @@ struct Open {
     /// One entry per partition read; few, so a linear search beats a map.
     sources: Vec<SourceRange>,
     invalid: Vec<InvalidMessage>,
+    invalid_bytes: usize,
     opened_at: Instant,
 }
 
@@ -351,6 +358,12 @@ impl Batcher {
             kind: error.kind,
             reason: error.reason,
         });
+        open.invalid_bytes += payload.len() + key.map_or(0, <[u8]>::len);
+        if open.invalid.len() >= self.limits.max_events
+            || open.invalid_bytes >= MAX_HELD_INVALID_BYTES
+        {
+            closed.extend(self.close(CloseReason::Count));
+        }
     }
 
     /// Closes the open batch if its wait deadline has passed.
@@ -394,6 +407,7 @@ impl Batcher {
             ts_max_ms: None,
             sources: Vec::new(),
             invalid: Vec::new(),
+            invalid_bytes: 0,
             opened_at: now,
         })
     }
@@ -538,7 +552,7 @@ mod tests {
     #[test]
     fn invalid_messages_join_the_open_batch_and_its_ranges() {
         let t0 = Instant::now();
-        let mut b = Batcher::new(limits(2, 100, 100));
+        let mut b = Batcher::new(limits(3, 100, 100));
         let mut out = Vec::new();
         let bad = || InvalidEvent {
             kind: ErrorKind::NotJson,
@@ -548,19 +562,46 @@ mod tests {
         b.push_event(at(1), &ev("a", 1), t0, &mut out);
         b.push_invalid(at(2), Some(b"k"), b"!!", bad(), t0, &mut out);
         b.push_event(at(3), &ev("a", 1), t0, &mut out);
+        b.push_event(at(4), &ev("a", 1), t0, &mut out);
         assert_eq!(out.len(), 1);
         let batch = &out[0];
         assert_eq!(
             (batch.valid(), batch.invalid.len(), batch.messages()),
-            (2, 2, 4)
+            (3, 2, 5)
         );
         assert_eq!(batch.sources[0].first_offset, 0);
-        assert_eq!(batch.sources[0].last_offset, 3);
+        assert_eq!(batch.sources[0].last_offset, 4);
         assert_eq!(batch.invalid[1].key.as_deref(), Some(&b"k"[..]));
         // A batch of invalid messages alone is still emitted: its offsets need committing.
-        b.push_invalid(at(4), None, b"??", bad(), t0, &mut out);
+        b.push_invalid(at(5), None, b"??", bad(), t0, &mut out);
         let only_invalid = b.close(CloseReason::Shutdown).unwrap();
         assert_eq!((only_invalid.valid(), only_invalid.invalid.len()), (0, 1));
+    }
+
+    #[test]
+    fn a_flood_of_invalid_messages_closes_the_batch_by_count_and_by_bytes() {
+        let t0 = Instant::now();
+        let bad = || InvalidEvent {
+            kind: ErrorKind::NotJson,
+            reason: "x".into(),
+        };
+        let mut b = Batcher::new(limits(3, 100, 100));
+        let mut out = Vec::new();
+        for i in 0..7 {
+            b.push_invalid(at(i), None, b"??", bad(), t0, &mut out);
+        }
+        let sizes: Vec<_> = out.iter().map(|b| b.invalid.len()).collect();
+        assert_eq!(sizes, vec![3, 3]);
+        assert!(out.iter().all(|b| b.closed_by == CloseReason::Count));
+
+        let mut b = Batcher::new(limits(1_000_000, 100, 100));
+        let mut out = Vec::new();
+        let big = vec![b'#'; MAX_HELD_INVALID_BYTES / 4];
+        for i in 0..9 {
+            b.push_invalid(at(i), None, &big, bad(), t0, &mut out);
+        }
+        let sizes: Vec<_> = out.iter().map(|b| b.invalid.len()).collect();
+        assert_eq!(sizes, vec![4, 4]);
     }
 
     #[test]

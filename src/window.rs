@@ -45,6 +45,7 @@ use std::time::{Duration, Instant};
 
 use crate::batch::{
     Batch, CloseReason, Columns, CommitPoint, InvalidMessage, SourceRange, WindowId, Work,
+    MAX_HELD_INVALID_BYTES,
 };
 pub use crate::checkpoint::Checkpoint;
 use crate::event::{ErrorKind, InvalidEvent, LoginEvent};
@@ -192,6 +193,8 @@ pub struct Windower {
     buffered: usize,
     closed: Vec<Batch>,
     dead_letters: Vec<InvalidMessage>,
+    /// Payload and key bytes of `dead_letters`.
+    dead_letter_bytes: usize,
     /// Messages consumed since the last [`Work`] that no window holds.
     loose: u64,
     /// When the oldest message not yet handed to delivery arrived outside a window.
@@ -224,6 +227,7 @@ impl Windower {
             buffered: 0,
             closed: Vec::new(),
             dead_letters: Vec::new(),
+            dead_letter_bytes: 0,
             loose: 0,
             loose_since: None,
             late_total: 0,
@@ -415,6 +419,7 @@ impl Windower {
         self.parts[i]
             .marks
             .push_back((offset, Mark::Invalid(error.kind)));
+        self.dead_letter_bytes += payload.len() + key.map_or(0, <[u8]>::len);
         self.dead_letters.push(InvalidMessage {
             topic: self.topic.clone(),
             partition,
@@ -490,6 +495,7 @@ impl Windower {
     pub fn take_work(&mut self, now: Instant, force: bool) -> Option<Work> {
         let due = !self.closed.is_empty()
             || self.dead_letters.len() >= self.cfg.max_dead_letters
+            || self.dead_letter_bytes >= MAX_HELD_INVALID_BYTES
             || self
                 .loose_since
                 .is_some_and(|t| now >= t + self.cfg.max_wait)
@@ -507,7 +513,10 @@ impl Windower {
         Some(Work {
             seq,
             batches,
-            dead_letters: std::mem::take(&mut self.dead_letters),
+            dead_letters: {
+                self.dead_letter_bytes = 0;
+                std::mem::take(&mut self.dead_letters)
+            },
             commit,
             messages,
         })
@@ -592,6 +601,7 @@ impl Windower {
         let part = &mut self.parts[i];
         part.marks.push_back((offset, Mark::Late));
         if self.cfg.late == LatePolicy::DeadLetter {
+            self.dead_letter_bytes += payload.len() + key.map_or(0, <[u8]>::len);
             self.dead_letters.push(InvalidMessage {
                 topic: self.topic.clone(),
                 partition: part.partition,
@@ -1277,6 +1287,22 @@ mod tests {
         }
         assert_eq!(f.w.take_flows(), vec![Flow::Resume(0)]);
         assert!(f.w.paused().is_empty());
+    }
+
+    #[test]
+    fn held_dead_letters_are_handed_over_at_the_byte_bound() {
+        let mut f = Feed::new(cfg(), &[0]);
+        let big = vec![b'#'; MAX_HELD_INVALID_BYTES / 4];
+        for o in 0..9 {
+            let err = InvalidEvent {
+                kind: ErrorKind::NotJson,
+                reason: "x".into(),
+            };
+            f.w.push_invalid(0, o, None, &big, err, f.t0);
+            f.collect(f.t0);
+        }
+        let sizes: Vec<_> = f.works.iter().map(|w| w.dead_letters.len()).collect();
+        assert_eq!(sizes, vec![4, 4]);
     }
 
     #[test]
