@@ -128,6 +128,9 @@ impl Pipeline {
         let started = Instant::now();
         let s = self.settings.clone();
         let publisher = Publisher::new(&s.kafka).context("cannot create the Kafka producer")?;
+        let k = s.kafka.clone();
+        tokio::task::spawn_blocking(move || sink::check_topics(&k, Duration::from_secs(10)))
+            .await??;
         let metrics_log = match &s.metrics_log.path {
             Some(path) => Some(Arc::new(Mutex::new(
                 MetricsLog::open(path, s.metrics_log.max_bytes, s.metrics_log.keep)

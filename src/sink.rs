@@ -271,6 +271,52 @@ impl Publisher {
     }
 }
 
+/// Stops at start-up when the output or dead-letter topic does not exist,
+/// naming the key, rather than when the first packet or dead letter is sent.
+/// A broker that cannot be reached yet is no reason to stop (librdkafka keeps
+/// trying, and the health endpoints say so): the check is then skipped.
+pub fn check_topics(k: &KafkaSettings, timeout: Duration) -> anyhow::Result<()> {
+    use anyhow::bail;
+    let mut c = producer_config(k);
+    // Asking must not create the topic on a broker that auto-creates.
+    c.set("allow.auto.create.topics", "false");
+    let probe: rdkafka::producer::BaseProducer = c.create()?;
+    for (key, topic) in [
+        ("kafka.output_topic", &k.output_topic),
+        ("kafka.dlq_topic", &k.dlq_topic),
+    ] {
+        if topic.is_empty() {
+            continue;
+        }
+        let md = match probe.client().fetch_metadata(Some(topic), timeout) {
+            Ok(md) => md,
+            Err(e) => {
+                warn!(error = %e, topic = %topic, "cannot check that {key} exists yet; going on");
+                return Ok(());
+            }
+        };
+        let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
+            bail!("{key}: the brokers did not describe topic `{topic}`");
+        };
+        match t.error().map(RDKafkaErrorCode::from) {
+            None if !t.partitions().is_empty() => {}
+            Some(RDKafkaErrorCode::UnknownTopicOrPartition) | None => {
+                let hint = if key == "kafka.dlq_topic" {
+                    " (or set kafka.dlq_topic = \"\" to count invalid messages without forwarding them)"
+                } else {
+                    ""
+                };
+                bail!(
+                    "{key}: topic `{topic}` does not exist on {}; create it{hint}",
+                    k.bootstrap_servers
+                )
+            }
+            Some(e) => bail!("{key}: topic `{topic}` cannot be used: {e}"),
+        }
+    }
+    Ok(())
+}
+
 /// 1s, 2s, 4s, ... capped at 30s.
 fn backoff(attempt: u32) -> Duration {
     Duration::from_secs(1u64 << attempt.saturating_sub(1).min(5)).min(Duration::from_secs(30))

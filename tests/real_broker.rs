@@ -244,6 +244,32 @@ async fn a_full_disk_under_the_metrics_log_delays_the_commit_and_never_duplicate
     assert_eq!(valid, malformed.iter().filter(|m| !**m).count() as u64);
 }
 
+/// A dead-letter topic that does not exist is reported at start-up, naming
+/// the key, not discovered at the first invalid message; nothing is created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_dead_letter_topic_stops_the_start_naming_the_key() {
+    let b = broker_with_topics(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut svc = Service::start(
+        dir.path(),
+        "nodlq",
+        &env(&b, "nodlq", &[("KAFKA__DLQ_TOPIC", "no-such-dlq")]),
+    );
+    assert_eq!(svc.wait_exit(DONE), Some(1), "{}", svc.stderr());
+    let stderr = svc.stderr();
+    assert!(
+        stderr.contains("kafka.dlq_topic: topic `no-such-dlq` does not exist"),
+        "{stderr}"
+    );
+    // Checking did not create it: a second start is refused the same way.
+    let mut again = Service::start(
+        dir.path(),
+        "nodlq2",
+        &env(&b, "nodlq2", &[("KAFKA__DLQ_TOPIC", "no-such-dlq")]),
+    );
+    assert_eq!(again.wait_exit(DONE), Some(1), "{}", again.stderr());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_points_loses_nothing() {
     let b = broker_with_topics(3).await;
