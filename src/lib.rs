@@ -28,7 +28,8 @@
 //!
 //! [`pipeline`] is the thin async shell that wires these together;
 //! [`settings`] loads the layered configuration, [`telemetry`] serves
-//! metrics and health, [`generator`] and [`demo`] make realistic test data.
+//! metrics and health, [`dashboard`] the live page of recent packets beside
+//! them, [`generator`] and [`demo`] make realistic test data.
 //!
 //! Errors are classed where they arise: an invalid message is *skipped* (to
 //! the dead-letter topic, counted, logged); a failed delivery or commit is
@@ -39,6 +40,7 @@
 pub mod analysis;
 pub mod batch;
 pub mod checkpoint;
+pub mod dashboard;
 pub mod delivery;
 pub mod demo;
 pub mod event;
