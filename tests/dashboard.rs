@@ -18,6 +18,7 @@ use common::broker::{service_env, Broker, Service};
 use common::browser::dump_dom;
 use common::*;
 use login_metrics::packet::Packet;
+use login_metrics::privacy::Pseudonymizer;
 use serde_json::Value;
 
 const READY: Duration = Duration::from_secs(60);
@@ -403,7 +404,19 @@ async fn the_page_shows_the_latest_packet_and_follows_newer_ones() {
 async fn with_a_token_the_page_and_its_api_need_it_and_telemetry_stays_open() {
     let b = broker().await;
     let dir = tempfile::tempdir().unwrap();
-    let svc = start_service(&b, dir.path(), "dash-token", &[("TELEMETRY__TOKEN", TOKEN)]);
+    // IPs pseudonymized: the page shows the pseudonyms packets carry, never
+    // the raw values.
+    let key = "dashboard-test-key";
+    let svc = start_service(
+        &b,
+        dir.path(),
+        "dash-token",
+        &[
+            ("TELEMETRY__TOKEN", TOKEN),
+            ("PRIVACY__PSEUDONYMIZE", "ip"),
+            ("PRIVACY__KEY", key),
+        ],
+    );
     let bearer = format!("Bearer {TOKEN}");
     let auth = [("Authorization", bearer.as_str())];
 
@@ -446,6 +459,17 @@ async fn with_a_token_the_page_and_its_api_need_it_and_telemetry_stays_open() {
     // Opened with ?token=, the page's own API calls carry it.
     let dom = page_showing(&svc, &format!("?token={TOKEN}"), &first.packet_id);
     assert_shows(&dom, &first);
+    let pseudonym = Pseudonymizer::new(key.as_bytes(), &[]).pseudonym("198.51.100.6");
+    assert_eq!(
+        rows(section(&dom, "user_id+ip"), "latest")[0],
+        ["u-1-heavy", pseudonym.as_str(), "6"],
+        "the top user_id + ip row, pseudonymized"
+    );
+    let (_, api) = get(&svc, "/api/packets", &auth);
+    for raw in ["198.51.100.", "203.0.113.", "192.0.2."] {
+        assert!(!dom.contains(raw), "a raw IP ({raw}…) on the page");
+        assert!(!api.contains(raw), "a raw IP ({raw}…) in /api/packets");
+    }
     // Without it, Chromium gets the 401 and no data.
     let denied = dump_dom(&format!("http://127.0.0.1:{}/", svc.metrics_port), LOADED);
     assert!(!denied.contains("u-1-heavy"), "{denied}");
