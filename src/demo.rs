@@ -16,6 +16,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::dashboard::Dashboard;
 use crate::generator::{Generator, GeneratorConfig};
 use crate::packet::Packet;
 use crate::pipeline::{Pipeline, RunSummary};
@@ -296,12 +297,15 @@ impl std::fmt::Display for DemoReport {
 }
 
 /// Runs the demo: a mock cluster, `events` generated events, the pipeline
-/// until every event is accounted for, and a report.
+/// until every event is accounted for, and a report. With a `dashboard`, the
+/// run reports into it (its packets, progress and state), so `demo --serve`
+/// shows the demo's packets.
 pub async fn run_demo(
     mut settings: Settings,
     events: u64,
     seed: u64,
     interrupt: CancellationToken,
+    dashboard: Option<&Dashboard>,
 ) -> anyhow::Result<DemoReport> {
     let cluster = MockCluster::new(3).context("cannot start the mock cluster")?;
     let k = &settings.kafka;
@@ -342,7 +346,10 @@ pub async fn run_demo(
         .map(|p| p.display().to_string());
     let dlq_topic = settings.kafka.dlq_topic.clone();
     let (mode, max_wait) = (settings.batch.mode, settings.batch.max_wait);
-    let pipeline = Pipeline::new(settings).on_packet(move |p| top_hook.lock().unwrap().add(p));
+    let mut pipeline = Pipeline::new(settings).on_packet(move |p| top_hook.lock().unwrap().add(p));
+    if let Some(d) = dashboard {
+        pipeline = d.watch(pipeline);
+    }
     let progress = pipeline.progress();
 
     // Arrival mode stops once every produced event has been consumed (shutdown

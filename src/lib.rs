@@ -28,8 +28,9 @@
 //!
 //! [`pipeline`] is the thin async shell that wires these together;
 //! [`settings`] loads the layered configuration, [`telemetry`] serves
-//! metrics and health, [`generator`] and [`demo`] make realistic test data,
-//! [`tail`] reads the metrics log back for people.
+//! metrics and health, [`dashboard`] the live page of recent packets beside
+//! them, [`tail`] reads the metrics log back for people, [`generator`] and
+//! [`demo`] make realistic test data.
 //!
 //! Errors are classed where they arise: an invalid message is *skipped* (to
 //! the dead-letter topic, counted, logged); a failed delivery or commit is
@@ -40,6 +41,7 @@
 pub mod analysis;
 pub mod batch;
 pub mod checkpoint;
+pub mod dashboard;
 pub mod delivery;
 pub mod demo;
 pub mod event;

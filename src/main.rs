@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use login_metrics::dashboard::Dashboard;
 use login_metrics::demo;
 use login_metrics::generator::{Generator, GeneratorConfig};
 use login_metrics::privacy::Pseudonymizer;
@@ -42,6 +43,11 @@ enum Command {
         seed: u64,
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Serve the dashboard with the demo's packets on telemetry.listen (or
+        /// a free loopback port when it is empty), during the run and after
+        /// it, until Ctrl-C.
+        #[arg(long)]
+        serve: bool,
     },
     /// Produce generated login events into the input topic of a real Kafka.
     Generate {
@@ -130,6 +136,32 @@ fn handle_signals(token: CancellationToken) {
     });
 }
 
+/// `demo --serve`: the dashboard on `telemetry.listen`, or on a free loopback
+/// port when that is empty, until `stop`. Prints its address at once, so it
+/// can be opened while the demo runs; returns it for the closing line.
+async fn serve_demo_dashboard(
+    s: &Settings,
+    stop: CancellationToken,
+) -> anyhow::Result<(Dashboard, String)> {
+    use anyhow::Context;
+    let dashboard = Dashboard::new(s);
+    let addr = s
+        .telemetry
+        .listen
+        .unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    let bound = telemetry::serve_with(addr, dashboard.health(), Some(dashboard.router()), stop)
+        .await
+        .with_context(|| {
+            format!("cannot serve the dashboard on {addr} (telemetry.listen; LOGIN_METRICS__TELEMETRY__LISTEN=127.0.0.1:0 picks a free port)")
+        })?;
+    if let Some(warning) = Dashboard::exposure_warning(s) {
+        eprintln!("login-metrics demo: warning: {warning}");
+    }
+    let url = format!("http://{bound}/");
+    println!("dashboard: {url}");
+    Ok((dashboard, url))
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     match dispatch(Cli::parse()).await {
@@ -207,9 +239,17 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, ExitCode> {
             info!(version = env!("CARGO_PKG_VERSION"), config = %s.redacted_summary(), "starting");
             let shutdown = CancellationToken::new();
             handle_signals(shutdown.clone());
-            let pipeline = Pipeline::new(s.clone()).log_progress(true);
+            let mut pipeline = Pipeline::new(s.clone()).log_progress(true);
             if let Some(addr) = s.telemetry.listen {
-                if let Err(e) = telemetry::serve(addr, pipeline.health(), shutdown.clone()).await {
+                let dashboard = Dashboard::new(&s);
+                pipeline = dashboard.watch(pipeline);
+                if let Some(warning) = Dashboard::exposure_warning(&s) {
+                    warn!("{warning}");
+                }
+                let routes = Some(dashboard.router());
+                if let Err(e) =
+                    telemetry::serve_with(addr, pipeline.health(), routes, shutdown.clone()).await
+                {
                     error!(error = %e, "telemetry.listen: cannot listen on {addr}");
                     return Ok(ExitCode::from(2));
                 }
@@ -238,6 +278,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, ExitCode> {
             events,
             seed,
             config,
+            serve,
         } => {
             let s = load(config.as_ref())?;
             // The demo's report is the output (it counts the invalid messages too);
@@ -249,9 +290,25 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, ExitCode> {
             telemetry::init_logging(&log);
             let interrupt = CancellationToken::new();
             handle_signals(interrupt.clone());
-            match demo::run_demo(s, events, seed, interrupt).await {
+            let served = if serve {
+                match serve_demo_dashboard(&s, interrupt.clone()).await {
+                    Ok(served) => Some(served),
+                    Err(e) => {
+                        eprintln!("login-metrics demo: {e:#}");
+                        return Ok(ExitCode::from(2));
+                    }
+                }
+            } else {
+                None
+            };
+            let dashboard = served.as_ref().map(|(d, _)| d);
+            match demo::run_demo(s, events, seed, interrupt.clone(), dashboard).await {
                 Ok(report) => {
                     println!("{report}");
+                    if let Some((_, url)) = &served {
+                        println!("dashboard: {url} (Ctrl-C to stop)");
+                        interrupt.cancelled().await;
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

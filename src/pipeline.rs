@@ -113,8 +113,25 @@ impl Pipeline {
     }
 
     /// Calls `hook` with every delivered packet, after it is in the metrics log.
+    /// Hooks added by several calls all run, in the order they were added, so
+    /// the demo's report and the dashboard can both watch one run.
     pub fn on_packet(mut self, hook: impl Fn(&Packet) + Send + Sync + 'static) -> Pipeline {
-        self.on_packet = Some(Arc::new(hook));
+        self.on_packet = Some(match self.on_packet.take() {
+            Some(first) => Arc::new(move |p: &Packet| {
+                first(p);
+                hook(p);
+            }),
+            None => Arc::new(hook),
+        });
+        self
+    }
+
+    /// Reports this run's progress and health into counters created
+    /// beforehand, so whoever serves them (the dashboard) can exist before
+    /// the pipeline does.
+    pub fn sharing(mut self, progress: Arc<Progress>, health: Arc<Health>) -> Pipeline {
+        self.progress = progress;
+        self.health = health;
         self
     }
 

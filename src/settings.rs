@@ -151,12 +151,26 @@ pub struct LogSettings {
     pub level: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Clone, Serialize)]
 pub struct TelemetrySettings {
     /// `None` when the HTTP listener is disabled.
     pub listen: Option<std::net::SocketAddr>,
     #[serde(with = "human_duration")]
     pub progress_interval: Duration,
+    /// Bearer token the dashboard (`/`, `/api/*`) requires; empty leaves it
+    /// open. A secret: redacted wherever settings are printed.
+    #[serde(serialize_with = "redact_str")]
+    pub token: String,
+}
+
+impl fmt::Debug for TelemetrySettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TelemetrySettings")
+            .field("listen", &self.listen)
+            .field("progress_interval", &self.progress_interval)
+            .field("token", &if self.token.is_empty() { "" } else { REDACTED })
+            .finish()
+    }
 }
 
 #[derive(Clone, Serialize)]
@@ -213,6 +227,10 @@ const REDACTED: &str = "<redacted>";
 
 fn redact_bytes<S: serde::Serializer>(key: &[u8], s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(if key.is_empty() { "" } else { REDACTED })
+}
+
+fn redact_str<S: serde::Serializer>(secret: &str, s: S) -> Result<S::Ok, S::Error> {
+    redact_bytes(secret.as_bytes(), s)
 }
 
 mod human_duration {
@@ -498,7 +516,19 @@ impl Settings {
                 }
             },
             progress_interval: r.duration("telemetry.progress_interval", Duration::from_millis(1)),
+            token: r.string("telemetry.token"),
         };
+        if telemetry
+            .token
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+        {
+            // Never echo the value: it is a secret.
+            r.problem(
+                "telemetry.token",
+                "must not contain spaces or control characters (it travels in an Authorization header)",
+            );
+        }
         let privacy = r.privacy();
 
         if r.problems.is_empty() {
@@ -1209,16 +1239,21 @@ mod tests {
                 ("LOGIN_METRICS__PRIVACY__PSEUDONYMIZE", "ip"),
                 ("LOGIN_METRICS__PRIVACY__KEY", "hunter2-key"),
                 ("LOGIN_METRICS__KAFKA__CONSUMER__SASL_PASSWORD", "pw-secret"),
+                ("LOGIN_METRICS__TELEMETRY__TOKEN", "dash-tok3n"),
             ]),
         )
         .unwrap();
+        assert_eq!(s.telemetry.token, "dash-tok3n");
         let text = s.redacted_toml();
         assert!(!text.contains("hunter2-key"), "{text}");
         assert!(!text.contains("pw-secret"), "{text}");
+        assert!(!text.contains("dash-tok3n"), "{text}");
         assert!(text.contains("<redacted>"));
         let debug = format!("{s:?}");
         assert!(
-            !debug.contains("hunter2-key") && !debug.contains("pw-secret"),
+            !debug.contains("hunter2-key")
+                && !debug.contains("pw-secret")
+                && !debug.contains("dash-tok3n"),
             "{debug}"
         );
         assert!(debug.contains("sasl.password"), "{debug}");
@@ -1226,7 +1261,9 @@ mod tests {
         assert!(line.contains("sasl.password=<redacted>"), "{line}");
         assert!(line.contains("compression.level=1"), "{line}");
         assert!(
-            !line.contains("pw-secret") && !line.contains("hunter2-key"),
+            !line.contains("pw-secret")
+                && !line.contains("hunter2-key")
+                && !line.contains("dash-tok3n"),
             "{line}"
         );
         // The printed configuration is itself a valid configuration file.

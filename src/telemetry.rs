@@ -4,7 +4,8 @@
 //! pipeline (a no-op until a recorder is installed) and exposed in Prometheus
 //! text format by `metrics-exporter-prometheus` on the `telemetry.listen`
 //! address, next to `/healthz` (the pipeline loop is alive) and `/readyz`
-//! (connected to the brokers with partitions assigned).
+//! (connected to the brokers with partitions assigned). The live dashboard
+//! ([`crate::dashboard`]) is merged onto the same listener by [`serve_with`].
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -274,6 +275,8 @@ pub struct Health {
     loop_running: AtomicBool,
     /// False while appends to the metrics log fail and are retried.
     log_ok: AtomicBool,
+    /// Whether the loop ever turned, to tell "starting" from "stopped".
+    ever_ran: AtomicBool,
 }
 
 /// The loop counts as stalled when it has not turned for this long.
@@ -288,6 +291,7 @@ impl Default for Health {
             brokers_up: AtomicBool::new(false),
             loop_running: AtomicBool::new(false),
             log_ok: AtomicBool::new(true),
+            ever_ran: AtomicBool::new(false),
         }
     }
 }
@@ -296,6 +300,7 @@ impl Health {
     /// Records a turn of the pipeline loop at `now`.
     pub fn beat(&self, now: Instant) {
         self.loop_running.store(true, Ordering::Relaxed);
+        self.ever_ran.store(true, Ordering::Relaxed);
         self.heartbeat_ms.store(
             now.saturating_duration_since(self.started).as_millis() as i64,
             Ordering::Relaxed,
@@ -324,6 +329,16 @@ impl Health {
 
     pub fn assigned(&self) -> u64 {
         self.assigned_partitions.load(Ordering::Relaxed)
+    }
+
+    /// Whether the consumer reaches the brokers (librdkafka statistics).
+    pub fn brokers_up(&self) -> bool {
+        self.brokers_up.load(Ordering::Relaxed)
+    }
+
+    /// Whether the pipeline loop has turned at least once in this process.
+    pub fn has_run(&self) -> bool {
+        self.ever_ran.load(Ordering::Relaxed)
     }
 
     pub fn is_alive(&self) -> bool {
@@ -357,6 +372,18 @@ pub async fn serve(
     health: Arc<Health>,
     shutdown: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
+    serve_with(addr, health, None, shutdown).await
+}
+
+/// As [`serve`], with the routes of `dashboard` (see [`crate::dashboard`])
+/// on the same listener. The telemetry routes stay open whatever the
+/// dashboard's access rule: scrapers and health checks carry no token.
+pub async fn serve_with(
+    addr: SocketAddr,
+    health: Arc<Health>,
+    dashboard: Option<Router>,
+    shutdown: CancellationToken,
+) -> std::io::Result<SocketAddr> {
     let state = AppState {
         health,
         prometheus: prometheus(),
@@ -367,9 +394,18 @@ pub async fn serve(
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(state);
+    let with_dashboard = dashboard.is_some();
+    let app = match dashboard {
+        Some(routes) => app.merge(routes),
+        None => app,
+    };
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    info!(address = %bound, "serving /metrics, /healthz and /readyz");
+    if with_dashboard {
+        info!(address = %bound, "serving the dashboard at /, /metrics, /healthz and /readyz");
+    } else {
+        info!(address = %bound, "serving /metrics, /healthz and /readyz");
+    }
     tokio::spawn(async move {
         let _ = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown.cancelled_owned())

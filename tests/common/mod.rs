@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod browser;
 
 use std::collections::HashMap;
 use std::path::Path;
