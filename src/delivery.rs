@@ -58,7 +58,7 @@ pub struct Delivery {
 }
 
 /// The longest wait between two attempts to append to the metrics log.
-const MAX_LOG_BACKOFF: Duration = Duration::from_secs(30);
+const MAX_LOG_BACKOFF: Duration = Duration::from_secs(5);
 /// How long the metrics log is still retried once shutdown was requested.
 pub const LOG_RETRY_AT_SHUTDOWN: Duration = Duration::from_secs(10);
 

@@ -198,7 +198,16 @@ async fn a_full_disk_under_the_metrics_log_delays_the_commit_and_never_duplicate
     let mut svc = Service::start(
         dir.path(),
         "full",
-        &env(&b, "full", &[("BATCH__MAX_EVENTS", "300")]),
+        &env(
+            &b,
+            "full",
+            &[
+                ("BATCH__MAX_EVENTS", "300"),
+                // The consumer thread waits for delivery while the log is
+                // retried; it must not be taken for dead by the group meanwhile.
+                ("KAFKA__CONSUMER__MAX_POLL_INTERVAL_MS", "60000"),
+            ],
+        ),
     );
     let deadline = std::time::Instant::now() + DONE;
     loop {
