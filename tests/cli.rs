@@ -1,25 +1,9 @@
 //! The `login-metrics` binary: configuration errors, the effective
 //! configuration, pseudonyms and the demo.
 
-use std::process::{Command, Output};
+mod common;
 
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_login-metrics"));
-    // The tests decide the environment; nothing of the caller's leaks in.
-    for (k, _) in std::env::vars() {
-        if k.starts_with("LOGIN_METRICS__") || k == "RUST_LOG" {
-            c.env_remove(k);
-        }
-    }
-    c
-}
-
-fn run(c: &mut Command) -> (Output, String, String) {
-    let out = c.output().expect("runs");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    (out, stdout, stderr)
-}
+use common::cli::{bin, run};
 
 #[test]
 fn bad_configuration_exits_non_zero_naming_every_key() {

@@ -10,7 +10,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Output, Stdio};
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -26,22 +26,8 @@ use login_metrics::privacy::Pseudonymizer;
 use login_metrics::tail::format_packet;
 use login_metrics::window::{LatePolicy, WindowConfig, Windower};
 
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_login-metrics"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("LOGIN_METRICS__") || k == "RUST_LOG" {
-            c.env_remove(k);
-        }
-    }
-    c
-}
-
-fn run(c: &mut Command) -> (Output, String, String) {
-    let out = c.output().expect("runs");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    (out, stdout, stderr)
-}
+mod common;
+use common::cli::{bin, run};
 
 /// `count` consecutive window packets of a generated login stream, as the
 /// service publishes them: events through `Windower` (one partition, windows

@@ -5,6 +5,7 @@
 
 pub mod broker;
 pub mod browser;
+pub mod cli;
 
 use std::collections::HashMap;
 use std::path::Path;
