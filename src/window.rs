@@ -792,16 +792,24 @@ impl Windower {
         self.resume_holders();
     }
 
-    /// Pauses the partitions that run ahead of the watermark while the open
-    /// windows hold too much.
+    /// Pauses the partitions that run ahead of the watermark by more than a
+    /// window while the open windows hold too much.
+    ///
+    /// The window of slack is the hysteresis: a resumed partition only pauses
+    /// again once it is a whole window ahead. Without it, partitions that are
+    /// nearly level (an ordinary interleaved stream whose open windows simply
+    /// hold more than the bound) take turns holding the watermark and are
+    /// paused and resumed on almost every event, which stalls the consumer
+    /// while saving no memory: such a partition's windows are needed anyway.
     fn align(&mut self) {
         let wm = self.watermark;
+        let slack = self.size_ms;
         for p in &mut self.parts {
             if p.paused || p.idle {
                 continue;
             }
             let ahead = match (p.progress, wm) {
-                (Some(pr), Some(w)) => pr.saturating_sub(self.grace_ms) > w,
+                (Some(pr), Some(w)) => pr.saturating_sub(self.grace_ms) > w.saturating_add(slack),
                 (Some(_), None) => true,
                 (None, _) => false,
             };
@@ -1287,6 +1295,22 @@ mod tests {
         }
         assert_eq!(f.w.take_flows(), vec![Flow::Resume(0)]);
         assert!(f.w.paused().is_empty());
+    }
+
+    #[test]
+    fn partitions_less_than_a_window_apart_are_never_paused() {
+        // Open windows hold far more than the bound, but the partitions take
+        // turns holding the watermark within one window of each other:
+        // pausing them would only stall the stream.
+        let mut c = cfg();
+        c.max_buffered = 4;
+        let mut f = Feed::new(c, &[0, 1]);
+        for ms in (0..200).map(|i| i * 400) {
+            f.event(0, S + ms, 0);
+            f.event(1, S + ms + 200, 0);
+        }
+        assert!(f.w.take_flows().is_empty());
+        assert!(!f.batches().is_empty());
     }
 
     #[test]
