@@ -99,6 +99,20 @@ pub fn produce_generated(
     rate: u64,
     stop: &CancellationToken,
 ) -> anyhow::Result<u64> {
+    produce_generated_to(producer_config, topic, None, gen, count, rate, stop)
+}
+
+/// [`produce_generated`], with every event written to `partition` when it is
+/// given (otherwise the producer partitions by key).
+pub fn produce_generated_to(
+    producer_config: &ClientConfig,
+    topic: &str,
+    partition: Option<i32>,
+    gen: &mut Generator,
+    count: Option<u64>,
+    rate: u64,
+    stop: &CancellationToken,
+) -> anyhow::Result<u64> {
     let producer: BaseProducer = producer_config
         .clone()
         .set("linger.ms", "20")
@@ -121,6 +135,9 @@ pub fn produce_generated(
             let mut record = BaseRecord::<str, [u8]>::to(topic).payload(&m.payload);
             if let Some(k) = &m.key {
                 record = record.key(k.as_str());
+            }
+            if let Some(p) = partition {
+                record = record.partition(p);
             }
             match producer.send(record) {
                 Ok(()) => break,

@@ -61,6 +61,17 @@ enum Command {
         /// Create the input topic with this many partitions if it does not exist.
         #[arg(long)]
         partitions: Option<i32>,
+        /// Write every event to this partition instead of partitioning by key.
+        #[arg(long)]
+        partition: Option<i32>,
+        /// Event time of the first event, epoch milliseconds (default: now), so
+        /// that separate runs can produce the same events.
+        #[arg(long)]
+        start_ms: Option<i64>,
+        /// Events per second of event time (default: the rate, or 50,000 when
+        /// producing as fast as possible).
+        #[arg(long)]
+        event_rate: Option<u64>,
         #[arg(long, default_value_t = 42)]
         seed: u64,
         #[arg(long, short)]
@@ -347,6 +358,9 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, ExitCode> {
             rate,
             count,
             partitions,
+            partition,
+            start_ms,
+            event_rate,
             seed,
             config,
         } => {
@@ -355,10 +369,14 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, ExitCode> {
             let stop = CancellationToken::new();
             handle_signals(stop.clone());
             let mut cfg = GeneratorConfig::new(seed);
-            cfg.start_ms = chrono::Utc::now().timestamp_millis();
-            // Event time advances with the production rate; as fast as possible,
-            // it advances 50,000 events a second.
-            cfg.events_per_sec = if rate > 0 { rate as f64 } else { 50_000.0 };
+            cfg.start_ms = start_ms.unwrap_or_else(|| chrono::Utc::now().timestamp_millis());
+            // Event time advances with the production rate (as fast as possible:
+            // 50,000 events a second) unless --event-rate sets it.
+            cfg.events_per_sec = match (event_rate, rate) {
+                (Some(r), _) => r.max(1) as f64,
+                (None, 0) => 50_000.0,
+                (None, r) => r as f64,
+            };
             if let Some(n) = partitions {
                 if let Err(e) =
                     demo::ensure_topic(&s.kafka.bootstrap_servers, &s.kafka.input_topic, n).await
@@ -369,10 +387,12 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, ExitCode> {
             }
             let producer = login_metrics::sink::producer_config(&s.kafka);
             let topic = s.kafka.input_topic.clone();
-            info!(topic = %topic, brokers = %s.kafka.bootstrap_servers, rate, "generating");
+            info!(topic = %topic, partition, brokers = %s.kafka.bootstrap_servers, rate, "generating");
             let result = tokio::task::spawn_blocking(move || {
                 let mut gen = Generator::new(cfg);
-                demo::produce_generated(&producer, &topic, &mut gen, count, rate, &stop)
+                demo::produce_generated_to(
+                    &producer, &topic, partition, &mut gen, count, rate, &stop,
+                )
             })
             .await;
             match result {
