@@ -28,7 +28,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -36,8 +35,10 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
 use crate::settings::KafkaSettings;
+use crate::telemetry::{self, KafkaContext};
 
 /// The record format's name, in every value.
 pub const FORMAT: &str = "login-metrics/checkpoint/1";
@@ -137,7 +138,14 @@ struct WriterContext {
     failure: Mutex<Option<String>>,
 }
 
-impl ClientContext for WriterContext {}
+impl ClientContext for WriterContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        telemetry::kafka_log("checkpoint writer", level, fac, message);
+    }
+    fn error(&self, error: KafkaError, reason: &str) {
+        telemetry::kafka_error("checkpoint writer", &error, reason);
+    }
+}
 
 impl ProducerContext for WriterContext {
     type DeliveryOpaque = ();
@@ -258,8 +266,8 @@ fn read_latest(
         .set("auto.offset.reset", "earliest")
         .set("client.id", "login-metrics-checkpoints");
     c.set_log_level(RDKafkaLogLevel::Error);
-    let reader: BaseConsumer = c
-        .create()
+    let reader: BaseConsumer<KafkaContext> = c
+        .create_with_context(KafkaContext("checkpoint reader"))
         .map_err(|e| format!("cannot create the checkpoint reader: {e}"))?;
     let md = reader
         .fetch_metadata(Some(store), timeout)
@@ -322,16 +330,38 @@ fn remaining(deadline: Instant) -> Duration {
 }
 
 /// Creates the checkpoint topic, compacted, when it does not exist. A topic
-/// that exists is left as it is.
-pub async fn ensure_topic(k: &KafkaSettings, admin: ClientConfig) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = admin
-        .create()
+/// that exists is left as it is. A broker that cannot be reached yet is
+/// waited for (a service started before Kafka), until `shutdown`.
+pub async fn ensure_topic(
+    k: &KafkaSettings,
+    admin: ClientConfig,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let admin: AdminClient<KafkaContext> = admin
+        .create_with_context(KafkaContext("admin"))
         .context("cannot create the Kafka admin client")?;
     let store = &k.checkpoint_topic;
-    let md = admin
-        .inner()
-        .fetch_metadata(Some(store), Duration::from_secs(10))
-        .with_context(|| format!("cannot read the metadata of {store} (kafka.checkpoint_topic)"))?;
+    let mut wait = Duration::from_secs(1);
+    let mut logged: Option<Instant> = None;
+    let md = loop {
+        match admin
+            .inner()
+            .fetch_metadata(Some(store), Duration::from_secs(10))
+        {
+            Ok(md) => break md,
+            Err(e) => {
+                if logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                    tracing::warn!(error = %e, topic = %store, "cannot read the checkpoint topic's metadata yet (kafka.checkpoint_topic); retrying until the broker answers");
+                    logged = Some(Instant::now());
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                wait = (wait * 2).min(Duration::from_secs(10));
+            }
+        }
+    };
     let exists = md
         .topics()
         .iter()

@@ -132,6 +132,20 @@ pub struct Ledger {
     pending: Vec<CommitPoint>,
     pending_messages: u64,
     retry_at: Option<Instant>,
+    /// Acknowledgements still to come for work abandoned at a revocation
+    /// (see [`Ledger::abandon_in_flight`]): dropped when they arrive.
+    abandoned: usize,
+}
+
+/// How long [`Ledger::settle`] waits for work in flight.
+#[derive(Clone, Copy, Debug)]
+pub enum Wait {
+    /// Takes only what is already acknowledged.
+    No,
+    /// Until every work in flight is acknowledged.
+    All,
+    /// For every work in flight, but no later than this.
+    Until(Instant),
 }
 
 impl Ledger {
@@ -150,6 +164,7 @@ impl Ledger {
             pending: Vec::new(),
             pending_messages: 0,
             retry_at: None,
+            abandoned: 0,
         }
     }
 
@@ -196,29 +211,64 @@ impl Ledger {
         self.retry_at = None;
     }
 
-    /// Takes every work delivery has acknowledged (with `wait`, waits for all
-    /// in flight), then stores the checkpoints and commits. A failed commit is
-    /// retried at a later call, no sooner than [`RETRY_AFTER`] unless `wait`.
-    pub fn settle<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, wait: bool) {
-        while self.in_flight > 0 && self.failure.is_none() {
-            let ack = if wait {
-                match self.acks.recv() {
+    /// Gives up waiting for the work in flight after a revocation that could
+    /// not wait any longer: its acknowledgements are dropped when they come,
+    /// so nothing is committed for partitions this consumer no longer owns.
+    /// Whoever reads them next reads that work again. Returns how many works
+    /// were abandoned.
+    pub fn abandon_in_flight(&mut self) -> usize {
+        let n = self.in_flight;
+        self.abandoned += n;
+        self.in_flight = 0;
+        n
+    }
+
+    /// Takes what delivery has acknowledged (waiting as `wait` says), then
+    /// stores the checkpoints and commits. A failed commit is retried at a
+    /// later call, no sooner than [`RETRY_AFTER`] unless waiting.
+    pub fn settle<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, wait: Wait) {
+        let stopped = "delivery stopped without reporting why";
+        while (self.in_flight > 0 || self.abandoned > 0) && self.failure.is_none() {
+            // Abandoned work's acknowledgements come first (acks are in
+            // order); they are waited for only on the way to later ones.
+            let wait = if self.in_flight == 0 { Wait::No } else { wait };
+            let ack = match wait {
+                Wait::All => match self.acks.recv() {
                     Ok(a) => a,
                     Err(_) => {
-                        self.fail("delivery stopped without reporting why");
+                        self.fail(stopped);
                         break;
                     }
-                }
-            } else {
-                match self.acks.try_recv() {
+                },
+                Wait::No => match self.acks.try_recv() {
                     Ok(a) => a,
                     Err(std_mpsc::TryRecvError::Empty) => break,
                     Err(std_mpsc::TryRecvError::Disconnected) => {
-                        self.fail("delivery stopped without reporting why");
+                        self.fail(stopped);
                         break;
+                    }
+                },
+                Wait::Until(t) => {
+                    match self
+                        .acks
+                        .recv_timeout(t.saturating_duration_since(Instant::now()))
+                    {
+                        Ok(a) => a,
+                        Err(std_mpsc::RecvTimeoutError::Timeout) => break,
+                        Err(std_mpsc::RecvTimeoutError::Disconnected) => {
+                            self.fail(stopped);
+                            break;
+                        }
                     }
                 }
             };
+            if self.abandoned > 0 {
+                self.abandoned -= 1;
+                if let Ack::Failed(reason) = ack {
+                    debug!(reason = %reason, "work abandoned at a revocation was not delivered");
+                }
+                continue;
+            }
             self.in_flight -= 1;
             match ack {
                 Ack::Delivered { commit, messages } => {
@@ -229,7 +279,10 @@ impl Ledger {
             }
         }
         // Work delivered before a failure is still committed: acks arrive in order.
-        if self.pending.is_empty() || (!wait && self.retry_at.is_some_and(|t| Instant::now() < t)) {
+        let waiting = !matches!(wait, Wait::No);
+        if self.pending.is_empty()
+            || (!waiting && self.retry_at.is_some_and(|t| Instant::now() < t))
+        {
             return;
         }
         if self.store_and_commit(consumer) {

@@ -30,7 +30,7 @@ use crate::packet::{Identity, Packet};
 use crate::privacy::Pseudonymizer;
 use crate::settings::{BatchMode, LateSetting, Settings};
 use crate::sink::{self, Publisher};
-use crate::source::{self, Driver, Grouping};
+use crate::source::{self, Bounds, Driver, Grouping};
 pub use crate::telemetry::Progress;
 use crate::telemetry::{Health, LogLimit};
 use crate::window::{LatePolicy, WindowConfig, Windower};
@@ -163,7 +163,8 @@ impl Pipeline {
 
         let checkpoints = match s.batch.mode {
             BatchMode::Window => {
-                checkpoint::ensure_topic(&s.kafka, sink::producer_config(&s.kafka)).await?;
+                checkpoint::ensure_topic(&s.kafka, sink::producer_config(&s.kafka), &shutdown)
+                    .await?;
                 Some(
                     CheckpointStore::new(
                         &s.kafka,
@@ -187,7 +188,10 @@ impl Pipeline {
                 timestamp: s.events.timestamp_required,
                 not_after_ms: None,
             },
-            Some(s.events.max_future),
+            Bounds {
+                max_future: Some(s.events.max_future),
+                revoke_within: revoke_within(&s.kafka),
+            },
             work_tx,
             ack_rx,
             self.progress.clone(),
@@ -307,4 +311,16 @@ fn grouping(s: &Settings) -> Grouping {
             &s.kafka.input_topic,
         )),
     }
+}
+
+/// How long the revocation callback may wait for work in flight: half of the
+/// consumer's `max.poll.interval.ms` (librdkafka's default 300000), so the
+/// member returns to `poll` before the group expels it.
+fn revoke_within(k: &crate::settings::KafkaSettings) -> Duration {
+    let ms = k
+        .consumer
+        .get("max.poll.interval.ms")
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(300_000);
+    Duration::from_millis(ms / 2)
 }

@@ -15,7 +15,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -25,7 +24,7 @@ use tracing::warn;
 
 use crate::batch::InvalidMessage;
 use crate::settings::KafkaSettings;
-use crate::telemetry::{self, LogLimit};
+use crate::telemetry::{self, KafkaContext};
 
 /// A record to publish, owned so that it can be sent again.
 #[derive(Debug, Clone)]
@@ -125,18 +124,9 @@ pub fn producer_config(k: &KafkaSettings) -> ClientConfig {
     c
 }
 
-/// The producer's context: client errors are logged, rate-limited.
-pub struct SinkContext {
-    errors: LogLimit,
-}
-
-impl ClientContext for SinkContext {
-    fn error(&self, error: KafkaError, reason: &str) {
-        if self.errors.allow() {
-            warn!(error = %error, "kafka producer: {reason} (librdkafka retries on its own)");
-        }
-    }
-}
+/// The producer's context: client errors and log lines go through
+/// [`telemetry::kafka_error`] and [`telemetry::kafka_log`].
+pub type SinkContext = KafkaContext;
 
 pub struct Publisher {
     producer: FutureProducer<SinkContext>,
@@ -146,9 +136,7 @@ pub struct Publisher {
 impl Publisher {
     pub fn new(k: &KafkaSettings) -> Result<Publisher, KafkaError> {
         Ok(Publisher {
-            producer: producer_config(k).create_with_context(SinkContext {
-                errors: LogLimit::new("kafka producer errors", 5, Duration::from_secs(60)),
-            })?,
+            producer: producer_config(k).create_with_context(KafkaContext("producer"))?,
             attempts: k.delivery_attempts,
         })
     }
@@ -280,7 +268,8 @@ pub fn check_topics(k: &KafkaSettings, timeout: Duration) -> anyhow::Result<()> 
     let mut c = producer_config(k);
     // Asking must not create the topic on a broker that auto-creates.
     c.set("allow.auto.create.topics", "false");
-    let probe: rdkafka::producer::BaseProducer = c.create()?;
+    let probe: rdkafka::producer::BaseProducer<KafkaContext> =
+        c.create_with_context(KafkaContext("topic check"))?;
     for (key, topic) in [
         ("kafka.output_topic", &k.output_topic),
         ("kafka.dlq_topic", &k.dlq_topic),

@@ -16,6 +16,7 @@
 //! are given up. On assignment, window mode restores each partition's
 //! checkpoint from the checkpoint topic ([`crate::checkpoint`]).
 
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -35,7 +36,7 @@ use crate::batch::{Batcher, CloseReason, Coord, Work};
 use crate::checkpoint::{self, CheckpointStore, Restore};
 use crate::delivery::Ack;
 use crate::event::{self, Requirements};
-use crate::offsets::{self, Ledger};
+use crate::offsets::{self, Ledger, Wait};
 use crate::settings::KafkaSettings;
 use crate::telemetry::{self, Health, LogLimit, Progress};
 use crate::window::{Flow, Windower};
@@ -46,6 +47,8 @@ const MAX_POLL: Duration = Duration::from_millis(100);
 const CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often window gauges are refreshed.
 const GAUGE_INTERVAL: Duration = Duration::from_millis(250);
+/// How often the consumer offers held work again while delivery is behind.
+const HELD_RETRY: Duration = Duration::from_millis(20);
 
 /// Builds the librdkafka consumer configuration.
 pub fn consumer_config(k: &KafkaSettings) -> ClientConfig {
@@ -74,7 +77,6 @@ pub struct SourceContext {
     driver: Mutex<Option<Driver>>,
     health: Arc<Health>,
     progress: Arc<Progress>,
-    errors: LogLimit,
 }
 
 impl ClientContext for SourceContext {
@@ -96,6 +98,10 @@ impl ClientContext for SourceContext {
         self.health.set_brokers_up(up);
     }
 
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        telemetry::kafka_log("consumer", level, fac, message);
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         if matches!(
             error.rdkafka_error_code(),
@@ -103,9 +109,7 @@ impl ClientContext for SourceContext {
         ) {
             self.health.set_brokers_up(false);
         }
-        if self.errors.allow() {
-            warn!(error = %error, "kafka consumer: {reason} (librdkafka retries on its own)");
-        }
+        telemetry::kafka_error("consumer", &error, reason);
     }
 }
 
@@ -132,6 +136,12 @@ impl ConsumerContext for SourceContext {
                     .map(|e| format!("{}/{}", e.topic(), e.partition()))
                     .collect();
                 info!(partitions = %parts.join(","), "partitions assigned");
+                // librdkafka keeps a partition's pause across a rebalance: a
+                // partition paused while delivery was behind, or by window
+                // alignment, before it was revoked would stay silent.
+                if let Err(e) = consumer.resume(tpl) {
+                    warn!(error = %e, "cannot resume the assigned partitions");
+                }
                 if let Some(driver) = self.driver.lock().expect("driver lock").as_mut() {
                     driver.on_assign(consumer, tpl);
                 }
@@ -165,7 +175,12 @@ pub struct Driver {
     max_future_ms: Option<i64>,
     to_delivery: Option<mpsc::Sender<Work>>,
     ledger: Ledger,
-    ready: Vec<Work>,
+    /// Work closed and not yet taken by delivery, oldest first.
+    ready: VecDeque<Work>,
+    /// Whether consumption is paused because delivery is behind.
+    held: bool,
+    /// How long the revocation callback may wait for work in flight.
+    revoke_within: Duration,
     progress: Arc<Progress>,
     invalid_log: LogLimit,
     late_seen: u64,
@@ -173,23 +188,37 @@ pub struct Driver {
     gauges_at: Instant,
 }
 
+/// The time bounds of the consumer thread.
+pub struct Bounds {
+    /// `events.max_future`: how far ahead of the wall clock event time may be.
+    pub max_future: Option<Duration>,
+    /// How long the revocation callback may wait for work in flight.
+    pub revoke_within: Duration,
+}
+
 impl Driver {
     pub fn new(
         grouping: Grouping,
         requirements: Requirements,
-        max_future: Option<Duration>,
+        bounds: Bounds,
         to_delivery: mpsc::Sender<Work>,
         acks: std_mpsc::Receiver<Ack>,
         progress: Arc<Progress>,
         checkpoints: Option<CheckpointStore>,
     ) -> Driver {
+        let Bounds {
+            max_future,
+            revoke_within,
+        } = bounds;
         Driver {
             grouping,
             requirements,
             max_future_ms: max_future.map(|d| d.as_millis().min(i64::MAX as u128) as i64),
             to_delivery: Some(to_delivery),
             ledger: Ledger::new(acks, progress.clone(), checkpoints),
-            ready: Vec::new(),
+            ready: VecDeque::new(),
+            held: false,
+            revoke_within,
             progress,
             invalid_log: LogLimit::new("invalid messages", 10, Duration::from_secs(60)),
             late_seen: 0,
@@ -257,27 +286,22 @@ impl Driver {
             }
         }
         // Arrival batches the message closed (window mode hands work over in tick).
-        self.ready
-            .extend(closed.into_iter().map(Work::from_arrival));
+        for batch in closed {
+            self.push_ready(Work::from_arrival(batch));
+        }
     }
 
     /// Applies the wall-clock rules and collects the work that is ready; in
     /// window mode also applies pause and resume changes to the consumer.
     fn tick<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, now: Instant) {
-        match &mut self.grouping {
-            Grouping::Arrival(b) => {
-                if let Some(batch) = b.poll_expired(now) {
-                    self.ready.push(Work::from_arrival(batch));
-                }
-            }
+        let closed = match &mut self.grouping {
+            Grouping::Arrival(b) => b.poll_expired(now).map(Work::from_arrival),
             Grouping::Window(w) => {
                 w.poll(now);
-                if let Some(work) = w.take_work(now, false) {
-                    self.ready.push(work);
-                }
+                let closed = w.take_work(now, false);
                 let flows = w.take_flows();
                 if !flows.is_empty() {
-                    apply_flows(consumer, w, &flows);
+                    apply_flows(consumer, w, &flows, self.held);
                 }
                 let (late, replayed) = (w.late_total(), w.replayed_total());
                 if late > self.late_seen {
@@ -303,68 +327,178 @@ impl Driver {
                         metrics::gauge!(telemetry::WATERMARK).set(wm as f64 / 1000.0);
                     }
                 }
+                closed
             }
+        };
+        if let Some(work) = closed {
+            self.push_ready(work);
         }
     }
 
-    /// Sends ready work to delivery, in order.
-    fn dispatch(&mut self) {
-        for work in self.ready.drain(..) {
+    /// Makes closed work ready for delivery.
+    fn push_ready(&mut self, work: Work) {
+        for batch in &work.batches {
+            metrics::counter!(telemetry::BATCHES, "closed_by" => batch.closed_by.as_str())
+                .increment(1);
+            metrics::histogram!(telemetry::BATCH_EVENTS).record(batch.valid() as f64);
+            debug!(
+                seq = batch.seq,
+                window = ?batch.window,
+                valid = batch.valid(),
+                closed_by = batch.closed_by.as_str(),
+                "batch closed"
+            );
+        }
+        self.ready.push_back(work);
+    }
+
+    /// Pauses every assigned partition while closed work waits for delivery
+    /// (a slow broker or a retried metrics log), and resumes them when it is
+    /// taken. The thread goes on polling meanwhile, so rebalances are served,
+    /// `max.poll.interval.ms` is kept, `/healthz` stays alive, and memory does
+    /// not grow with messages that could not be delivered anyway. Window
+    /// mode's alignment pauses stay as they are.
+    fn hold<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) {
+        let behind = !self.ready.is_empty();
+        if behind == self.held {
+            return;
+        }
+        let Ok(assignment) = consumer.assignment() else {
+            return;
+        };
+        let mut tpl = TopicPartitionList::new();
+        for e in assignment.elements() {
+            let aligned = match &self.grouping {
+                Grouping::Window(w) => w.paused().contains(&e.partition()),
+                Grouping::Arrival(_) => false,
+            };
+            if behind || !aligned {
+                tpl.add_partition(e.topic(), e.partition());
+            }
+        }
+        let result = if behind {
+            consumer.pause(&tpl)
+        } else {
+            consumer.resume(&tpl)
+        };
+        match result {
+            Ok(()) => {
+                self.held = behind;
+                metrics::gauge!(telemetry::CONSUMPTION_HELD).set(if behind { 1.0 } else { 0.0 });
+                if behind {
+                    info!(
+                        waiting = self.ready.len(),
+                        "delivery is behind: consumption paused until it takes the next work"
+                    );
+                } else {
+                    info!("delivery took the waiting work: consumption resumed");
+                }
+            }
+            Err(e) => warn!(error = %e, pause = behind, "cannot change the partitions' flow"),
+        }
+    }
+
+    /// Offers ready work to delivery, in order, without waiting: what the
+    /// channel cannot take yet stays ready (see [`Driver::hold`]). With
+    /// `until`, keeps offering until everything is taken or that instant has
+    /// passed (shutdown and revocation, where the consumer must not poll).
+    /// Returns whether nothing is left ready.
+    fn dispatch(&mut self, until: Option<Instant>) -> bool {
+        while let Some(work) = self.ready.pop_front() {
             let Some(tx) = &self.to_delivery else {
+                self.ready.clear();
                 break;
             };
-            for batch in &work.batches {
-                metrics::counter!(telemetry::BATCHES, "closed_by" => batch.closed_by.as_str())
-                    .increment(1);
-                metrics::histogram!(telemetry::BATCH_EVENTS).record(batch.valid() as f64);
-                debug!(
-                    seq = batch.seq,
-                    window = ?batch.window,
-                    valid = batch.valid(),
-                    closed_by = batch.closed_by.as_str(),
-                    "batch closed"
-                );
-            }
-            if tx.blocking_send(work).is_err() {
-                self.ledger
-                    .fail("delivery stopped before it took the next work");
-                break;
+            let work = match tx.try_send(work) {
+                Ok(()) => None,
+                Err(mpsc::error::TrySendError::Full(work)) => Some(work),
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    self.ledger
+                        .fail("delivery stopped before it took the next work");
+                    self.ready.clear();
+                    break;
+                }
+            };
+            if let Some(work) = work {
+                self.ready.push_front(work);
+                match until {
+                    Some(t) if Instant::now() < t => {
+                        std::thread::sleep(HELD_RETRY);
+                        continue;
+                    }
+                    _ => break,
+                }
             }
             self.ledger.sent();
         }
-        self.ready.clear();
+        self.ready.is_empty()
     }
 
     /// Hands over what must not wait (arrival mode: the open batch, closed
     /// for `reason`; window mode: pending dead letters, never an open window),
-    /// then delivers and commits everything in flight.
+    /// then delivers and commits everything in flight — waiting for it as
+    /// long as it takes, or, with `until`, no later than that. Returns whether
+    /// everything was delivered and settled.
     fn drain<C: ConsumerContext>(
         &mut self,
         consumer: &BaseConsumer<C>,
         reason: CloseReason,
         now: Instant,
-    ) {
+        until: Option<Instant>,
+    ) -> bool {
         if self.ledger.failure().is_none() {
-            match &mut self.grouping {
-                Grouping::Arrival(b) => {
-                    if let Some(batch) = b.close(reason) {
-                        self.ready.push(Work::from_arrival(batch));
-                    }
-                }
-                Grouping::Window(w) => {
-                    if let Some(work) = w.take_work(now, true) {
-                        self.ready.push(work);
-                    }
-                }
+            let closed = match &mut self.grouping {
+                Grouping::Arrival(b) => b.close(reason).map(Work::from_arrival),
+                Grouping::Window(w) => w.take_work(now, true),
+            };
+            if let Some(work) = closed {
+                self.push_ready(work);
             }
-            self.dispatch();
+            let deadline = until.unwrap_or_else(|| now + Duration::from_secs(86_400 * 365));
+            self.dispatch(Some(deadline));
         }
-        self.ledger.settle(consumer, true);
+        let wait = until.map_or(Wait::All, Wait::Until);
+        self.ledger.settle(consumer, wait);
+        self.ready.is_empty() && self.ledger.in_flight() == 0
     }
 
+    /// Delivers and commits what it can for the revoked partitions, within
+    /// `revoke_within` (half of `max.poll.interval.ms`): the callback runs
+    /// inside `poll`, and a member that does not return to `poll` in time is
+    /// expelled from the group. What is not delivered and committed by then
+    /// is given up: its offsets stay uncommitted, so whoever reads these
+    /// partitions next reads it again.
     fn on_revoke<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) {
-        self.drain(consumer, CloseReason::Rebalance, Instant::now());
+        let now = Instant::now();
+        let in_flight = self.ledger.in_flight() + self.ready.len();
+        if !self.drain(
+            consumer,
+            CloseReason::Rebalance,
+            now,
+            Some(now + self.revoke_within),
+        ) {
+            let unsent = self.ready.len();
+            self.ready.clear();
+            let abandoned = self.ledger.abandon_in_flight();
+            self.progress
+                .revocations_given_up
+                .fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(telemetry::REVOCATIONS_GIVEN_UP).increment(1);
+            warn!(
+                waited = %humantime::format_duration(self.revoke_within),
+                unsent,
+                in_flight = abandoned,
+                "revoked while delivery was behind: work not delivered and committed by now is given up; whoever reads these partitions next reads it again"
+            );
+        } else if in_flight > 0 {
+            info!(
+                works = in_flight,
+                "revocation: work in flight delivered and committed"
+            );
+        }
         self.ledger.forget_uncommitted();
+        self.held = false;
+        metrics::gauge!(telemetry::CONSUMPTION_HELD).set(0.0);
         if let Grouping::Window(w) = &mut self.grouping {
             w.reset();
             metrics::gauge!(telemetry::PARTITIONS_PAUSED).set(0.0);
@@ -433,7 +567,14 @@ impl Driver {
     }
 }
 
-fn apply_flows<C: ConsumerContext>(consumer: &BaseConsumer<C>, w: &Windower, flows: &[Flow]) {
+/// Applies alignment's pause and resume changes; while consumption is `held`
+/// for delivery, resumes wait for [`Driver::hold`] to release it.
+fn apply_flows<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    w: &Windower,
+    flows: &[Flow],
+    held: bool,
+) {
     let Some(topic) = consumer
         .assignment()
         .ok()
@@ -447,6 +588,9 @@ fn apply_flows<C: ConsumerContext>(consumer: &BaseConsumer<C>, w: &Windower, flo
             Flow::Pause(p) => (p, true),
             Flow::Resume(p) => (p, false),
         };
+        if held && !pause {
+            continue;
+        }
         tpl.add_partition(&topic, p);
         let result = if pause {
             consumer.pause(&tpl)
@@ -476,7 +620,6 @@ pub fn consume(
         driver: Mutex::new(Some(driver)),
         health: health.clone(),
         progress,
-        errors: LogLimit::new("kafka consumer errors", 5, Duration::from_secs(60)),
     };
     let consumer: BaseConsumer<SourceContext> = consumer_config(k)
         .create_with_context(context)
@@ -506,23 +649,25 @@ pub fn consume(
         }
         match polled {
             Some(Ok(m)) => driver.on_message(&m, now),
-            Some(Err(e)) if consumer.context().errors.allow() => {
-                warn!(error = %e, "consumer error (librdkafka retries on its own)");
-            }
-            Some(Err(_)) | None => {}
+            Some(Err(e)) => telemetry::kafka_error("consumer", &e, "poll"),
+            None => {}
         }
         driver.tick(&consumer, now);
-        driver.dispatch();
-        driver.ledger.settle(&consumer, false);
+        driver.dispatch(None);
+        driver.hold(&consumer);
+        driver.ledger.settle(&consumer, Wait::No);
         if let Some(reason) = driver.ledger.failure() {
             error!(reason = %reason, "stopping: work could not be delivered and is not committed");
             break;
         }
         timeout = driver.poll_timeout(now);
+        if driver.held {
+            timeout = timeout.min(HELD_RETRY);
+        }
     }
 
     let mut driver = lock(&consumer).take().expect("driver present until here");
-    driver.drain(&consumer, CloseReason::Shutdown, Instant::now());
+    driver.drain(&consumer, CloseReason::Shutdown, Instant::now(), None);
     driver.to_delivery = None;
     health.stopped();
     match driver.ledger.failure() {

@@ -17,6 +17,9 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -47,6 +50,9 @@ pub const EVENTS_REPLAYED: &str = "login_metrics_events_replayed_total";
 pub const WINDOWS_OPEN: &str = "login_metrics_windows_open";
 pub const EVENTS_BUFFERED: &str = "login_metrics_window_events_buffered";
 pub const PARTITIONS_PAUSED: &str = "login_metrics_partitions_paused";
+pub const CONSUMPTION_HELD: &str = "login_metrics_consumption_held";
+pub const KAFKA_ERRORS: &str = "login_metrics_kafka_errors_total";
+pub const REVOCATIONS_GIVEN_UP: &str = "login_metrics_revocations_given_up_total";
 pub const WATERMARK: &str = "login_metrics_watermark_seconds";
 
 /// Counters of one run, shared with whoever watches it.
@@ -68,6 +74,8 @@ pub struct Progress {
     pub lag: AtomicI64,
     /// When partitions were first assigned (the group join is over).
     pub first_assigned: OnceLock<Instant>,
+    /// Revocations that gave up work not delivered and committed in time.
+    pub revocations_given_up: AtomicU64,
 }
 
 impl Progress {
@@ -209,6 +217,18 @@ fn describe() {
         PARTITIONS_PAUSED,
         "Window mode: partitions paused because they run ahead of the slowest."
     );
+    describe_counter!(
+        KAFKA_ERRORS,
+        "Errors librdkafka reported (it retries them on its own), by client; each kind is logged once a minute."
+    );
+    describe_counter!(
+        REVOCATIONS_GIVEN_UP,
+        "Revocations that gave up work not delivered and committed within half of max.poll.interval.ms (its partitions' next reader reads it again)."
+    );
+    describe_gauge!(
+        CONSUMPTION_HELD,
+        "1 while consumption is paused because delivery has not taken the last closed work."
+    );
     describe_gauge!(
         WATERMARK,
         Unit::Seconds,
@@ -344,10 +364,10 @@ impl Health {
     pub fn is_alive(&self) -> bool {
         let last = self.heartbeat_ms.load(Ordering::Relaxed);
         let now = self.started.elapsed().as_millis() as i64;
-        // While the metrics log is retried, the consumer waits for delivery
-        // on purpose: alive, though not ready.
-        self.loop_running.load(Ordering::Relaxed)
-            && (now - last < STALL.as_millis() as i64 || !self.log_ok())
+        // The loop turns even while it waits for delivery (a slow broker, a
+        // retried metrics log): it pauses consumption and keeps polling. A
+        // loop that has not turned for STALL is stuck.
+        self.loop_running.load(Ordering::Relaxed) && now - last < STALL.as_millis() as i64
     }
 
     pub fn is_ready(&self) -> bool {
@@ -479,4 +499,94 @@ pub fn check_health(url: &str) -> Result<(), String> {
     } else {
         Err(format!("{url}: {status}"))
     }
+}
+
+/// Kinds of Kafka client error logged in the last [`KAFKA_REPEAT`], with how
+/// many repeats were kept at DEBUG since.
+static KAFKA_LOGGED: std::sync::Mutex<Vec<(String, Instant, u64)>> =
+    std::sync::Mutex::new(Vec::new());
+/// How often one kind of Kafka client error is logged at WARN.
+const KAFKA_REPEAT: Duration = Duration::from_secs(60);
+
+/// Reports an error librdkafka gives a client's error callback.
+///
+/// librdkafka retries these on its own, and one broker failure reaches every
+/// client of the process (consumer, producer, checkpoint store), each more
+/// than once: a refused connection, then "all brokers are down". So each
+/// kind of error is one WARN line a minute for the whole process, the rest
+/// DEBUG, and every report counts in [`KAFKA_ERRORS`].
+pub fn kafka_error(client: &'static str, error: &KafkaError, reason: &str) {
+    metrics::counter!(KAFKA_ERRORS, "client" => client).increment(1);
+    let code = error.rdkafka_error_code();
+    // Always follows a failure of its own, which is the line that says why.
+    if matches!(code, Some(RDKafkaErrorCode::AllBrokersDown)) {
+        tracing::debug!(client, error = %error, "kafka {client}: {reason}");
+        return;
+    }
+    let kind = code.map_or_else(|| error.to_string(), |c| format!("{c:?}"));
+    let now = Instant::now();
+    let repeats = {
+        let mut logged = KAFKA_LOGGED.lock().expect("kafka log lock");
+        match logged.iter_mut().find(|(k, _, _)| *k == kind) {
+            Some((_, at, n)) if now.duration_since(*at) < KAFKA_REPEAT => {
+                *n += 1;
+                None
+            }
+            Some((_, at, n)) => {
+                *at = now;
+                Some(std::mem::take(n))
+            }
+            None => {
+                logged.push((kind, now, 0));
+                Some(0)
+            }
+        }
+    };
+    match repeats {
+        Some(repeats) => tracing::warn!(
+            client,
+            error = %error,
+            repeats,
+            "kafka {client}: {reason} (librdkafka retries on its own)"
+        ),
+        None => tracing::debug!(client, error = %error, "kafka {client}: {reason}"),
+    }
+}
+
+/// Routes librdkafka's own log lines. Its connection failures (facilities
+/// `FAIL` and `ERROR`) also reach [`kafka_error`], which logs them once; so
+/// they stay at DEBUG here. Nothing librdkafka logs is fatal to the service
+/// (it retries), so nothing is above WARN.
+pub fn kafka_log(client: &'static str, level: RDKafkaLogLevel, fac: &str, message: &str) {
+    use RDKafkaLogLevel::*;
+    match level {
+        Emerg | Alert | Critical | Error if fac == "FAIL" || fac == "ERROR" => {
+            tracing::debug!(target: "librdkafka", client, "{fac}: {message}")
+        }
+        Emerg | Alert | Critical | Error | Warning => {
+            tracing::warn!(target: "librdkafka", client, "{fac}: {message}")
+        }
+        Notice | Info => tracing::info!(target: "librdkafka", client, "{fac}: {message}"),
+        Debug => tracing::debug!(target: "librdkafka", client, "{fac}: {message}"),
+    }
+}
+
+/// The context of a Kafka client with nothing else to do: its errors and log
+/// lines go through [`kafka_error`] and [`kafka_log`].
+pub struct KafkaContext(pub &'static str);
+
+impl rdkafka::client::ClientContext for KafkaContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        kafka_log(self.0, level, fac, message);
+    }
+    fn error(&self, error: KafkaError, reason: &str) {
+        kafka_error(self.0, &error, reason);
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for KafkaContext {}
+
+impl rdkafka::producer::ProducerContext for KafkaContext {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &rdkafka::producer::DeliveryResult<'_>, _: ()) {}
 }

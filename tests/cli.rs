@@ -142,3 +142,74 @@ fn number_after(text: &str, label: &str) -> u64 {
         .unwrap_or_else(|| panic!("no `{label}` line in {text}"));
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
+
+/// A broker that cannot be reached: librdkafka reports every refused
+/// connection of every client (producer, consumer, checkpoint store) through
+/// both its log and its error callback, and retries on its own. The service
+/// says so in one WARN line and never at ERROR, while every report is
+/// counted in `login_metrics_kafka_errors_total`.
+#[test]
+fn an_unreachable_broker_is_one_warning_not_a_flood_of_errors() {
+    use std::io::Read;
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().unwrap();
+    // Bound, then closed: nothing listens there.
+    let closed = common::broker::free_port();
+    let listen = format!("127.0.0.1:{}", common::broker::free_port());
+    let mut child = bin()
+        .arg("run")
+        .env(
+            "LOGIN_METRICS__KAFKA__BOOTSTRAP_SERVERS",
+            format!("127.0.0.1:{closed}"),
+        )
+        .env("LOGIN_METRICS__TELEMETRY__LISTEN", &listen)
+        .env("LOGIN_METRICS__METRICS_LOG__PATH", dir.path().join("m.log"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let reported = || {
+        common::http_get(&listen, "/metrics")
+            .map(|(_, page)| {
+                page.lines()
+                    .filter(|l| l.starts_with("login_metrics_kafka_errors_total{"))
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .sum::<f64>()
+            })
+            .unwrap_or(0.0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut n = 0.0;
+    while n < 20.0 {
+        assert!(
+            Instant::now() < deadline,
+            "librdkafka reported {n} errors in 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        n = reported();
+    }
+    let _ = std::process::Command::new("kill")
+        .args(["-KILL", &child.id().to_string()])
+        .status();
+    child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let errors: Vec<&str> = err.lines().filter(|l| l.contains(" ERROR ")).collect();
+    assert!(errors.is_empty(), "ERROR lines: {errors:#?}");
+    let refused: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("Connection refused"))
+        .collect();
+    assert_eq!(
+        refused.len(),
+        1,
+        "one line for {n} reports of the refused connection: {refused:#?}"
+    );
+    assert!(refused[0].contains(" WARN "), "{}", refused[0]);
+}

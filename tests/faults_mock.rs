@@ -159,3 +159,84 @@ async fn a_slow_broker_only_slows_the_pipeline() {
     assert_eq!(committed(&bs, "login-metrics", 2), end_offsets(&input, 2));
     assert_nothing_lost(&bs, &input);
 }
+
+/// A revocation while delivery cannot finish — the metrics log's disk is
+/// full, so the packet in flight is never settled — returns from the
+/// rebalance callback within half of `max.poll.interval.ms`, giving that work
+/// up uncommitted, instead of waiting for the disk (and being expelled from
+/// the group). Once the disk has room, the partitions' next reader reads the
+/// given-up work again: nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_while_delivery_is_stuck_gives_up_in_time_and_loses_nothing() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let c = cluster(2);
+    let bs = c.bootstrap_servers();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("m.log");
+    std::os::unix::fs::symlink("/dev/full", &log).unwrap();
+    let (inputs, malformed) = generated_input(65, 1_000, 3_000, 2);
+    let input = produce_input(&bs, &inputs, &malformed);
+    let run = start(settings(
+        &bs,
+        &log,
+        &[
+            ("BATCH__MAX_EVENTS", "500"),
+            // Revocations may wait 5 s for work in flight.
+            ("KAFKA__CONSUMER__MAX_POLL_INTERVAL_MS", "10000"),
+            ("KAFKA__CONSUMER__SESSION_TIMEOUT_MS", "6000"),
+        ],
+    ));
+    // The first packet is published and its log append fails: delivery is stuck.
+    run.consumed(1_000, T).await;
+
+    // A second member joins the group: the service's partitions are revoked.
+    let stop = Arc::new(AtomicBool::new(false));
+    let member = {
+        let (bs, stop) = (bs.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", &bs)
+                .set("group.id", "login-metrics")
+                .set("enable.auto.commit", "false")
+                .set("session.timeout.ms", "6000")
+                .create()
+                .unwrap();
+            consumer.subscribe(&[INPUT]).unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                let _ = consumer.poll(Duration::from_millis(50));
+            }
+            consumer.unsubscribe();
+        })
+    };
+    let deadline = std::time::Instant::now() + T;
+    while run.progress.revocations_given_up.load(Ordering::Relaxed) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the revocation did not give up the stuck work within {T:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        committed(&bs, "login-metrics", 2),
+        vec![-1, -1],
+        "nothing given up is committed"
+    );
+
+    // Room again, and the second member leaves: the service reads everything.
+    std::fs::remove_file(&log).unwrap();
+    stop.store(true, Ordering::Relaxed);
+    member.join().unwrap();
+    wait_committed(&bs, "login-metrics", &end_offsets(&input, 2), T);
+    run.stop().await.expect("the run completes");
+
+    let packets = read_packets(&bs);
+    let covered = verify_packets(&packets, &input, &default_slices(), 100);
+    assert_eq!(
+        covered.len(),
+        input.len(),
+        "every input offset is in a delivered packet"
+    );
+}

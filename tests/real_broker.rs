@@ -183,8 +183,9 @@ async fn an_oversized_malformed_message_is_dead_lettered_truncated_and_the_strea
 
 /// The metrics log on a full disk (`/dev/full`): each packet is published
 /// once, the commit waits while appends are retried (the failure counter and
-/// `/readyz` say so, `/healthz` stays up), and once the log can be written
-/// again the pipeline goes on by itself.
+/// `/readyz` say so), consumption is paused meanwhile while the consumer
+/// thread goes on polling (so `/healthz` stays up however long the disk stays
+/// full), and once the log can be written again the pipeline goes on by itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_under_the_metrics_log_delays_the_commit_and_never_duplicates_a_packet() {
     let b = broker_with_topics(1).await;
@@ -202,18 +203,25 @@ async fn a_full_disk_under_the_metrics_log_delays_the_commit_and_never_duplicate
             &b,
             "full",
             &[
-                ("BATCH__MAX_EVENTS", "300"),
-                // The consumer thread waits for delivery while the log is
-                // retried; it must not be taken for dead by the group meanwhile.
-                ("KAFKA__CONSUMER__MAX_POLL_INTERVAL_MS", "60000"),
+                // Four batches close by count: one stuck in delivery, one in
+                // the delivery channel, the rest held by the consumer.
+                ("BATCH__MAX_EVENTS", "200"),
             ],
         ),
     );
+    // Ten failed appends: the waits between them alone (0.5 s doubling to at
+    // most 5 s) take 32.5 s, longer than the 30 s after which /healthz
+    // reports a consumer loop that has stopped turning as dead.
     let deadline = std::time::Instant::now() + DONE;
     loop {
         let page = svc.http_get("/metrics").map(|(_, b)| b).unwrap_or_default();
         let failures = metric(&page, "login_metrics_metrics_log_failures_total").unwrap_or(0.0);
-        if failures >= 2.0 {
+        if failures >= 10.0 {
+            assert_eq!(
+                metric(&page, "login_metrics_consumption_held"),
+                Some(1.0),
+                "consumption is paused while delivery is behind"
+            );
             break;
         }
         assert!(

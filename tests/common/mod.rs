@@ -279,17 +279,25 @@ impl Running {
         }
     }
 
-    pub async fn stop(self) -> anyhow::Result<RunSummary> {
+    pub async fn stop(mut self) -> anyhow::Result<RunSummary> {
         self.shutdown.cancel();
-        self.handle.await.expect("pipeline task")
+        (&mut self.handle).await.expect("pipeline task")
     }
 
     /// Waits for the run to end by itself (a failure).
-    pub async fn join(self, timeout: Duration) -> anyhow::Result<RunSummary> {
-        tokio::time::timeout(timeout, self.handle)
+    pub async fn join(mut self, timeout: Duration) -> anyhow::Result<RunSummary> {
+        tokio::time::timeout(timeout, &mut self.handle)
             .await
             .expect("the run ended in time")
             .expect("pipeline task")
+    }
+}
+
+/// A test that fails stops its run, so that the runtime can shut down and
+/// the failure is reported instead of waiting for the consumer thread forever.
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
     }
 }
 
