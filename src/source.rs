@@ -49,6 +49,11 @@ const CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(10);
 const GAUGE_INTERVAL: Duration = Duration::from_millis(250);
 /// How often the consumer offers held work again while delivery is behind.
 const HELD_RETRY: Duration = Duration::from_millis(20);
+/// How long the consumer waits for delivery to take closed work before it
+/// pauses consumption. Delivery is usually just finishing the previous work:
+/// pausing at once would make librdkafka drop its prefetched messages and
+/// fetch them again, for every window of a backlog.
+const HOLD_AFTER: Duration = Duration::from_secs(1);
 
 /// Builds the librdkafka consumer configuration.
 pub fn consumer_config(k: &KafkaSettings) -> ClientConfig {
@@ -398,10 +403,8 @@ impl Driver {
         }
     }
 
-    /// Offers ready work to delivery, in order, without waiting: what the
-    /// channel cannot take yet stays ready (see [`Driver::hold`]). With
-    /// `until`, keeps offering until everything is taken or that instant has
-    /// passed (shutdown and revocation, where the consumer must not poll).
+    /// Offers ready work to delivery, in order. What the channel cannot take
+    /// by `until` (at once with `None`) stays ready (see [`Driver::hold`]).
     /// Returns whether nothing is left ready.
     fn dispatch(&mut self, until: Option<Instant>) -> bool {
         while let Some(work) = self.ready.pop_front() {
@@ -409,27 +412,40 @@ impl Driver {
                 self.ready.clear();
                 break;
             };
-            let work = match tx.try_send(work) {
-                Ok(()) => None,
-                Err(mpsc::error::TrySendError::Full(work)) => Some(work),
-                Err(mpsc::error::TrySendError::Closed(_)) => {
+            let taken = match tx.try_send(work) {
+                Ok(()) => Ok(()),
+                Err(mpsc::error::TrySendError::Closed(_)) => Err(None),
+                Err(mpsc::error::TrySendError::Full(work)) => match until {
+                    None => Err(Some(work)),
+                    Some(t) => {
+                        // Cancel-safe: a slot is reserved before the work
+                        // moves, so a timeout leaves the work here.
+                        let wait = t.saturating_duration_since(Instant::now());
+                        let reserve = tokio::time::timeout(wait, tx.reserve());
+                        match tokio::runtime::Handle::current().block_on(reserve) {
+                            Ok(Ok(permit)) => {
+                                permit.send(work);
+                                Ok(())
+                            }
+                            Ok(Err(_)) => Err(None),
+                            Err(_) => Err(Some(work)),
+                        }
+                    }
+                },
+            };
+            match taken {
+                Ok(()) => self.ledger.sent(),
+                Err(Some(work)) => {
+                    self.ready.push_front(work);
+                    break;
+                }
+                Err(None) => {
                     self.ledger
                         .fail("delivery stopped before it took the next work");
                     self.ready.clear();
                     break;
                 }
-            };
-            if let Some(work) = work {
-                self.ready.push_front(work);
-                match until {
-                    Some(t) if Instant::now() < t => {
-                        std::thread::sleep(HELD_RETRY);
-                        continue;
-                    }
-                    _ => break,
-                }
             }
-            self.ledger.sent();
         }
         self.ready.is_empty()
     }
@@ -653,7 +669,10 @@ pub fn consume(
             None => {}
         }
         driver.tick(&consumer, now);
-        driver.dispatch(None);
+        // Already held: offer the work again without waiting, and go on
+        // polling. Otherwise wait a little for delivery to take it.
+        let wait = (!driver.held).then(|| now + HOLD_AFTER);
+        driver.dispatch(wait);
         driver.hold(&consumer);
         driver.ledger.settle(&consumer, Wait::No);
         if let Some(reason) = driver.ledger.failure() {
