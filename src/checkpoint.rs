@@ -337,18 +337,42 @@ pub async fn ensure_topic(
     admin: ClientConfig,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let admin: AdminClient<KafkaContext> = admin
-        .create_with_context(KafkaContext("admin"))
-        .context("cannot create the Kafka admin client")?;
+    let admin: std::sync::Arc<AdminClient<KafkaContext>> = std::sync::Arc::new(
+        admin
+            .create_with_context(KafkaContext("admin"))
+            .context("cannot create the Kafka admin client")?,
+    );
     let store = &k.checkpoint_topic;
     let mut wait = Duration::from_secs(1);
     let mut logged: Option<Instant> = None;
     let md = loop {
-        match admin
-            .inner()
-            .fetch_metadata(Some(store), Duration::from_secs(10))
-        {
+        let (client, topic) = (admin.clone(), store.clone());
+        let fetched = tokio::task::spawn_blocking(move || {
+            client
+                .inner()
+                .fetch_metadata(Some(&topic), Duration::from_secs(10))
+        })
+        .await
+        .context("the metadata request panicked")?;
+        match fetched {
             Ok(md) => break md,
+            // Anything but an unreachable broker will not pass by waiting.
+            Err(e)
+                if !matches!(
+                    e.rdkafka_error_code(),
+                    Some(
+                        RDKafkaErrorCode::BrokerTransportFailure
+                            | RDKafkaErrorCode::AllBrokersDown
+                            | RDKafkaErrorCode::OperationTimedOut
+                            | RDKafkaErrorCode::RequestTimedOut
+                            | RDKafkaErrorCode::BrokerNotAvailable
+                    )
+                ) =>
+            {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "cannot read the metadata of {store} (kafka.checkpoint_topic)"
+                )));
+            }
             Err(e) => {
                 if logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
                     tracing::warn!(error = %e, topic = %store, "cannot read the checkpoint topic's metadata yet (kafka.checkpoint_topic); retrying until the broker answers");

@@ -227,6 +227,30 @@ impl Ledger {
     /// stores the checkpoints and commits. A failed commit is retried at a
     /// later call, no sooner than [`RETRY_AFTER`] unless waiting.
     pub fn settle<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, wait: Wait) {
+        self.take_acks(wait);
+        // Work delivered before a failure is still committed: acks arrive in order.
+        let waiting = !matches!(wait, Wait::No);
+        if self.pending.is_empty()
+            || (!waiting && self.retry_at.is_some_and(|t| Instant::now() < t))
+        {
+            return;
+        }
+        if self.store_and_commit(consumer) {
+            self.progress
+                .committed_messages
+                .fetch_add(self.pending_messages, Ordering::Relaxed);
+            metrics::counter!(telemetry::COMMITTED).increment(self.pending_messages);
+            self.pending.clear();
+            self.pending_messages = 0;
+            self.retry_at = None;
+        } else {
+            self.retry_at = Some(Instant::now() + RETRY_AFTER);
+        }
+    }
+
+    /// Takes delivery's acknowledgements into `pending`, waiting as `wait`
+    /// says; those of abandoned work are dropped.
+    fn take_acks(&mut self, wait: Wait) {
         let stopped = "delivery stopped without reporting why";
         while (self.in_flight > 0 || self.abandoned > 0) && self.failure.is_none() {
             // Abandoned work's acknowledgements come first (acks are in
@@ -264,8 +288,10 @@ impl Ledger {
             };
             if self.abandoned > 0 {
                 self.abandoned -= 1;
+                // Delivery stops after a failure: nothing later will be
+                // delivered, so the run must stop with the reason.
                 if let Ack::Failed(reason) = ack {
-                    debug!(reason = %reason, "work abandoned at a revocation was not delivered");
+                    self.fail(reason);
                 }
                 continue;
             }
@@ -277,24 +303,6 @@ impl Ledger {
                 }
                 Ack::Failed(reason) => self.fail(reason),
             }
-        }
-        // Work delivered before a failure is still committed: acks arrive in order.
-        let waiting = !matches!(wait, Wait::No);
-        if self.pending.is_empty()
-            || (!waiting && self.retry_at.is_some_and(|t| Instant::now() < t))
-        {
-            return;
-        }
-        if self.store_and_commit(consumer) {
-            self.progress
-                .committed_messages
-                .fetch_add(self.pending_messages, Ordering::Relaxed);
-            metrics::counter!(telemetry::COMMITTED).increment(self.pending_messages);
-            self.pending.clear();
-            self.pending_messages = 0;
-            self.retry_at = None;
-        } else {
-            self.retry_at = Some(Instant::now() + RETRY_AFTER);
         }
     }
 
@@ -343,6 +351,56 @@ mod tests {
             tpl.find_partition("user-login", 0).unwrap().offset(),
             Offset::Offset(10)
         );
+    }
+
+    fn delivered(points: Vec<CommitPoint>) -> Ack {
+        Ack::Delivered {
+            commit: points,
+            messages: 1,
+        }
+    }
+
+    #[test]
+    fn acknowledgements_of_abandoned_work_are_never_committed() {
+        let (tx, rx) = std_mpsc::channel();
+        let mut ledger = Ledger::new(rx, Arc::new(Progress::default()), None);
+        ledger.sent();
+        ledger.sent();
+        assert_eq!(ledger.abandon_in_flight(), 2);
+        // After the revocation: new work for the partition still owned.
+        ledger.sent();
+        tx.send(delivered(vec![point(0, 10), point(1, 10)]))
+            .unwrap();
+        tx.send(delivered(vec![point(1, 20)])).unwrap();
+        tx.send(delivered(vec![point(0, 15)])).unwrap();
+        ledger.take_acks(Wait::Until(Instant::now() + Duration::from_secs(5)));
+        assert_eq!(ledger.pending, vec![point(0, 15)]);
+        assert_eq!(ledger.in_flight(), 0);
+        assert!(ledger.failure().is_none());
+    }
+
+    #[test]
+    fn a_failure_of_abandoned_work_still_stops_the_run() {
+        let (tx, rx) = std_mpsc::channel();
+        let mut ledger = Ledger::new(rx, Arc::new(Progress::default()), None);
+        ledger.sent();
+        ledger.abandon_in_flight();
+        tx.send(Ack::Failed("the broker refused it".into()))
+            .unwrap();
+        ledger.take_acks(Wait::No);
+        assert_eq!(ledger.failure(), Some("the broker refused it"));
+    }
+
+    #[test]
+    fn waiting_until_a_deadline_takes_what_arrived_and_returns() {
+        let (tx, rx) = std_mpsc::channel();
+        let mut ledger = Ledger::new(rx, Arc::new(Progress::default()), None);
+        ledger.sent();
+        ledger.sent();
+        tx.send(delivered(vec![point(0, 3)])).unwrap();
+        ledger.take_acks(Wait::Until(Instant::now() + Duration::from_millis(50)));
+        assert_eq!(ledger.pending, vec![point(0, 3)]);
+        assert_eq!(ledger.in_flight(), 1, "the second is still in flight");
     }
 
     #[test]

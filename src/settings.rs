@@ -971,6 +971,16 @@ impl Reader<'_> {
                 );
                 continue;
             }
+            // A revocation gives up all the partitions' state at once (open
+            // windows, the open batch, paused flows); incremental rebalancing
+            // would keep some partitions without it.
+            if name == "partition.assignment.strategy" && value.contains("cooperative") {
+                self.problem(
+                    &format!("{key}.{k}"),
+                    "cooperative (incremental) rebalancing is not supported; use range or roundrobin",
+                );
+                continue;
+            }
             props.insert(name, value);
         }
         props
@@ -1152,6 +1162,22 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(keys(err), vec!["kafka.consumer.enable.auto.commit"]);
+    }
+
+    #[test]
+    fn cooperative_rebalancing_is_refused_naming_the_key() {
+        let err = Settings::load_with_env(
+            None,
+            env(&[(
+                "LOGIN_METRICS__KAFKA__CONSUMER__PARTITION_ASSIGNMENT_STRATEGY",
+                "cooperative-sticky",
+            )]),
+        )
+        .unwrap_err();
+        assert_eq!(
+            keys(err),
+            vec!["kafka.consumer.partition.assignment.strategy"]
+        );
     }
 
     #[test]

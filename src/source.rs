@@ -49,6 +49,8 @@ const CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(10);
 const GAUGE_INTERVAL: Duration = Duration::from_millis(250);
 /// How often the consumer offers held work again while delivery is behind.
 const HELD_RETRY: Duration = Duration::from_millis(20);
+/// The longest single wait of shutdown or a revocation between heartbeats.
+const WAIT_SLICE: Duration = Duration::from_secs(1);
 /// How long the consumer waits for delivery to take closed work before it
 /// pauses consumption. Delivery is usually just finishing the previous work:
 /// pausing at once would make librdkafka drop its prefetched messages and
@@ -186,6 +188,8 @@ pub struct Driver {
     held: bool,
     /// How long the revocation callback may wait for work in flight.
     revoke_within: Duration,
+    /// Beaten while shutdown or a revocation waits for delivery.
+    health: Option<Arc<Health>>,
     progress: Arc<Progress>,
     invalid_log: LogLimit,
     late_seen: u64,
@@ -224,6 +228,7 @@ impl Driver {
             ready: VecDeque::new(),
             held: false,
             revoke_within,
+            health: None,
             progress,
             invalid_log: LogLimit::new("invalid messages", 10, Duration::from_secs(60)),
             late_seen: 0,
@@ -470,12 +475,35 @@ impl Driver {
             if let Some(work) = closed {
                 self.push_ready(work);
             }
-            let deadline = until.unwrap_or_else(|| now + Duration::from_secs(86_400 * 365));
-            self.dispatch(Some(deadline));
         }
-        let wait = until.map_or(Wait::All, Wait::Until);
-        self.ledger.settle(consumer, wait);
+        // In slices of at most a second, beating the heart in between: the
+        // loop is not turning, but it is correctly waiting.
+        let slice = |end: Option<Instant>| {
+            let next = Instant::now() + WAIT_SLICE;
+            end.map_or(next, |e| e.min(next))
+        };
+        let passed = |end: Option<Instant>| end.is_some_and(|e| Instant::now() >= e);
+        while self.ledger.failure().is_none() && !self.ready.is_empty() {
+            self.beat();
+            self.dispatch(Some(slice(until)));
+            if passed(until) {
+                break;
+            }
+        }
+        while self.ledger.failure().is_none() {
+            self.beat();
+            self.ledger.settle(consumer, Wait::Until(slice(until)));
+            if self.ledger.in_flight() == 0 || passed(until) {
+                break;
+            }
+        }
         self.ready.is_empty() && self.ledger.in_flight() == 0
+    }
+
+    fn beat(&self) {
+        if let Some(h) = &self.health {
+            h.beat(Instant::now());
+        }
     }
 
     /// Delivers and commits what it can for the revoked partitions, within
@@ -632,6 +660,8 @@ pub fn consume(
     progress: Arc<Progress>,
     shutdown: CancellationToken,
 ) -> Result<(), String> {
+    let mut driver = driver;
+    driver.health = Some(health.clone());
     let context = SourceContext {
         driver: Mutex::new(Some(driver)),
         health: health.clone(),
@@ -663,10 +693,9 @@ pub fn consume(
             driver.refresh_clock();
             clock_at = now;
         }
-        match polled {
-            Some(Ok(m)) => driver.on_message(&m, now),
-            Some(Err(e)) => telemetry::kafka_error("consumer", &e, "poll"),
-            None => {}
+        // Errors were already reported through the context's error callback.
+        if let Some(Ok(m)) = polled {
+            driver.on_message(&m, now);
         }
         driver.tick(&consumer, now);
         // Already held: offer the work again without waiting, and go on

@@ -181,7 +181,8 @@ fn an_unreachable_broker_is_one_warning_not_a_flood_of_errors() {
     };
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut n = 0.0;
-    while n < 20.0 {
+    // The producer, the topic check and the admin client each meet it.
+    while n < 3.0 {
         assert!(
             Instant::now() < deadline,
             "librdkafka reported {n} errors in 60 s"

@@ -225,8 +225,32 @@ async fn a_revocation_while_delivery_is_stuck_gives_up_in_time_and_loses_nothing
         "nothing given up is committed"
     );
 
-    // Room again, and the second member leaves: the service reads everything.
+    // Room again while the second member still holds one partition: the
+    // given-up work (batches from both partitions) is delivered now, but its
+    // acknowledgements must not commit anything. The service, still in the
+    // group, reads its own partition again and commits it; the member's
+    // partition stays uncommitted.
     std::fs::remove_file(&log).unwrap();
+    let ends = end_offsets(&input, 2);
+    let deadline = std::time::Instant::now() + T;
+    let own = loop {
+        let now = committed(&bs, "login-metrics", 2);
+        if let Some(p) = (0..2).find(|&p| now[p] == ends[p]) {
+            break p;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the service did not commit a partition of its own: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        committed(&bs, "login-metrics", 2)[1 - own],
+        -1,
+        "nothing is committed for the partition the service gave up"
+    );
+
+    // The second member leaves: the service reads everything.
     stop.store(true, Ordering::Relaxed);
     member.join().unwrap();
     wait_committed(&bs, "login-metrics", &end_offsets(&input, 2), T);
