@@ -34,6 +34,13 @@ use crate::telemetry::{self, Progress};
 pub const COMMIT_ATTEMPTS: u32 = 5;
 /// The wait before a failed commit is tried again while consuming goes on.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// The shortest time between two commits while the stream flows. A commit
+/// (with window mode's checkpoint write before it) waits for the broker on
+/// the consumer thread; a backlog of small windows or batches would otherwise
+/// pay that round trip for each of them. Acknowledged work waits at most
+/// this long for its commit (all of it is committed at once), and a crash
+/// in between replays at most this much more.
+const COMMIT_INTERVAL: Duration = Duration::from_millis(500);
 
 /// The partition list of a commit.
 pub fn partition_list(points: &[CommitPoint]) -> KafkaResult<TopicPartitionList> {
@@ -132,6 +139,8 @@ pub struct Ledger {
     pending: Vec<CommitPoint>,
     pending_messages: u64,
     retry_at: Option<Instant>,
+    /// When the next commit may be made without waiting (see [`COMMIT_INTERVAL`]).
+    next_commit: Option<Instant>,
     /// Acknowledgements still to come for work abandoned at a revocation
     /// (see [`Ledger::abandon_in_flight`]): dropped when they arrive.
     abandoned: usize,
@@ -164,6 +173,7 @@ impl Ledger {
             pending: Vec::new(),
             pending_messages: 0,
             retry_at: None,
+            next_commit: None,
             abandoned: 0,
         }
     }
@@ -225,16 +235,22 @@ impl Ledger {
 
     /// Takes what delivery has acknowledged (waiting as `wait` says), then
     /// stores the checkpoints and commits. A failed commit is retried at a
-    /// later call, no sooner than [`RETRY_AFTER`] unless waiting.
+    /// later call, no sooner than [`RETRY_AFTER`] unless waiting; while the
+    /// stream flows, commits are at least [`COMMIT_INTERVAL`] apart.
     pub fn settle<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, wait: Wait) {
         self.take_acks(wait);
         // Work delivered before a failure is still committed: acks arrive in order.
         let waiting = !matches!(wait, Wait::No);
         if self.pending.is_empty()
-            || (!waiting && self.retry_at.is_some_and(|t| Instant::now() < t))
+            || (!waiting
+                && [self.retry_at, self.next_commit]
+                    .iter()
+                    .flatten()
+                    .any(|t| Instant::now() < *t))
         {
             return;
         }
+        self.next_commit = Some(Instant::now() + COMMIT_INTERVAL);
         if self.store_and_commit(consumer) {
             self.progress
                 .committed_messages
