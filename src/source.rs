@@ -363,6 +363,10 @@ impl Driver {
     }
 
     fn on_revoke<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) {
+        info!(
+            in_flight = self.ledger.in_flight(),
+            "revoke: delivering and committing the work in flight before the partitions go"
+        );
         self.drain(consumer, CloseReason::Rebalance, Instant::now());
         self.ledger.forget_uncommitted();
         if let Grouping::Window(w) = &mut self.grouping {
