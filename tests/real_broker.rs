@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::broker::{service_env, Broker, Service};
+use common::order::{check_arrival_commit_order, COMMIT_LOG};
 use common::*;
 use login_metrics::packet::Packet;
 use rand::{Rng, SeedableRng};
@@ -24,14 +25,25 @@ async fn broker_with_topics(partitions: i32) -> Broker {
     b
 }
 
+/// The service's environment: the common settings, commits logged (so a
+/// run's order can be checked, `common::order`), then `extra`.
 fn env(b: &Broker, group: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
     let mut e = service_env(&b.bootstrap, group);
     e.extend(
-        extra
-            .iter()
+        std::iter::once(&COMMIT_LOG)
+            .chain(extra)
             .map(|(k, v)| (format!("LOGIN_METRICS__{k}"), v.to_string())),
     );
     e
+}
+
+/// Committed offsets as the base of [`check_arrival_commit_order`] (none: 0).
+fn base(committed: &[i64]) -> HashMap<i32, i64> {
+    committed
+        .iter()
+        .enumerate()
+        .map(|(p, o)| (p as i32, (*o).max(0)))
+        .collect()
 }
 
 /// The output topic's packets with their offsets in that topic.
@@ -78,6 +90,13 @@ async fn end_to_end_over_tcp_counts_match_a_naive_count_and_dead_letters_arrive_
     wait_committed(&b.bootstrap, "e2e", &ends, DONE);
     svc.signal("TERM");
     assert_eq!(svc.wait_exit(DONE), Some(0), "{}", svc.stderr());
+    let (last, commits) = check_arrival_commit_order("e2e", &svc.stderr(), &base(&[0, 0, 0]));
+    assert!(commits > 1, "the commits are logged");
+    assert_eq!(
+        (0..3).map(|p| last[&p]).collect::<Vec<_>>(),
+        ends,
+        "the logged commits reach the end"
+    );
 
     let packets: Vec<Packet> = packets_with_offsets(&b.bootstrap)
         .into_iter()
@@ -298,6 +317,7 @@ async fn kill_9_at_random_points_loses_nothing() {
     let mut runs: Vec<(std::ops::Range<i64>, Vec<i64>)> = Vec::new();
     let mut out_start = 0;
     for i in 0..6 {
+        let before = committed(&b.bootstrap, "crashy", 3);
         let svc = Service::start(dir.path(), &format!("crash{i}"), &e);
         svc.wait_ready(READY);
         let ms = rng.gen_range(200..2_500);
@@ -311,16 +331,19 @@ async fn kill_9_at_random_points_loses_nothing() {
         );
         std::thread::sleep(Duration::from_millis(300));
         let committed_after = committed(&b.bootstrap, "crashy", 3);
+        check_arrival_commit_order(&format!("crash{i}"), &svc.stderr(), &base(&before));
         let out_end = output_end(&b.bootstrap);
         eprintln!("run {i}: killed after {ms} ms; committed {committed_after:?}; output {out_start}..{out_end}");
         runs.push((out_start..out_end, committed_after));
         out_start = out_end;
     }
+    let before = committed(&b.bootstrap, "crashy", 3);
     let mut last = Service::start(dir.path(), "final", &e);
     last.wait_ready(READY);
     wait_committed(&b.bootstrap, "crashy", &ends, DONE);
     last.signal("TERM");
     assert_eq!(last.wait_exit(DONE), Some(0), "{}", last.stderr());
+    check_arrival_commit_order("final", &last.stderr(), &base(&before));
 
     let packets = packets_with_offsets(&b.bootstrap);
     let plain: Vec<Packet> = packets.iter().map(|(_, p)| p.clone()).collect();
@@ -380,7 +403,10 @@ async fn sigterm_mid_run_flushes_commits_exits_zero_and_a_restart_reprocesses_no
     );
     let mut first = Service::start(dir.path(), "first", &e);
     first.wait_ready(READY);
-    std::thread::sleep(Duration::from_millis(1000));
+    // However fast the machine: the signal comes once the first half is read.
+    first.wait_for("the first half consumed", DONE, |s| {
+        s.consumed() == Some(half as u64)
+    });
     first.signal("TERM");
     assert_eq!(first.wait_exit(DONE), Some(0), "{}", first.stderr());
     let stderr = first.stderr();
@@ -400,6 +426,12 @@ async fn sigterm_mid_run_flushes_commits_exits_zero_and_a_restart_reprocesses_no
         after_first,
         "offsets committed at shutdown"
     );
+    assert_eq!(
+        after_first,
+        end_offsets(&input_map(&inputs[..half], &malformed[..half]), 3),
+        "the shutdown packet is the whole first half"
+    );
+    check_arrival_commit_order("first", &stderr, &base(&[0, 0, 0]));
 
     assert_ne!(after_first, ends, "the first run stopped mid-input");
     produce(&b.bootstrap, INPUT, &inputs[half..]);
@@ -409,6 +441,7 @@ async fn sigterm_mid_run_flushes_commits_exits_zero_and_a_restart_reprocesses_no
     wait_committed(&b.bootstrap, "term", &ends, DONE);
     second.signal("TERM");
     assert_eq!(second.wait_exit(DONE), Some(0));
+    check_arrival_commit_order("second", &second.stderr(), &base(&after_first));
     for p in second.logged_packets() {
         for s in &p.sources {
             assert!(
@@ -450,6 +483,8 @@ async fn two_instances_in_one_group_share_the_partitions() {
     c.signal("TERM");
     assert_eq!(a.wait_exit(DONE), Some(0), "{}", a.stderr());
     assert_eq!(c.wait_exit(DONE), Some(0), "{}", c.stderr());
+    check_arrival_commit_order("a", &a.stderr(), &base(&[0, 0, 0]));
+    check_arrival_commit_order("c", &c.stderr(), &base(&[0, 0, 0]));
 
     let (pa, pc) = (a.logged_packets(), c.logged_packets());
     let parts = |ps: &[Packet]| {
