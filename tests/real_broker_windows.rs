@@ -603,4 +603,7 @@ async fn a_skewed_backlog_pauses_the_partition_ahead_and_gives_the_same_windows(
     assert_eq!(svc.wait_exit(DONE), Some(0), "{}", svc.stderr());
     let run = published(&b.bootstrap, &format!("{OUTPUT}-s"), &format!("{DLQ}-s"));
     check_run("s", &run, &expected);
+    let (done, _) =
+        CommitOrder::new(&expected).check("s", &svc.stderr(), &[0; PARTITIONS as usize]);
+    assert_eq!(done, expected.ends, "the logged commits reach the end");
 }

@@ -225,10 +225,14 @@ impl Service {
         }
     }
 
-    /// The last `n` lines of the process's log.
+    /// The last `n` lines of the process's log, without the periodic
+    /// progress lines.
     pub fn stderr_tail(&self, n: usize) -> String {
         let all = self.stderr();
-        let lines: Vec<&str> = all.lines().collect();
+        let lines: Vec<&str> = all
+            .lines()
+            .filter(|l| !l.contains("\"message\":\"progress\""))
+            .collect();
         lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
@@ -298,7 +302,7 @@ pub fn wait_committed_while_running(
             s.assert_running();
         }
         if Instant::now() >= deadline {
-            let logs: Vec<String> = services.iter().map(|s| s.stderr_tail(40)).collect();
+            let logs: Vec<String> = services.iter().map(|s| s.stderr_tail(80)).collect();
             panic!(
                 "committed offsets {now:?}, expected {expected:?}; the services' last log lines:\n{}",
                 logs.join("\n----\n")
