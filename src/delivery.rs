@@ -215,9 +215,18 @@ impl Delivery {
             self.progress
                 .packet_bytes
                 .fetch_add(json.len() as u64, Ordering::Relaxed);
+            // Logged once the packet is acknowledged and in the metrics log,
+            // before the work is acknowledged for its commit; `sources`
+            // names the offsets it covers.
+            let sources: Vec<String> = packet
+                .sources
+                .iter()
+                .map(|s| format!("{}:{}-{}", s.partition, s.first_offset, s.last_offset))
+                .collect();
             info!(
                 packet_id = %packet.packet_id,
                 window_start = packet.window.start.as_deref().unwrap_or("-"),
+                sources = %sources.join(","),
                 valid = packet.events.valid,
                 invalid = packet.events.invalid,
                 late = packet.events.late.unwrap_or(0),

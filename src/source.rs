@@ -515,6 +515,10 @@ impl Driver {
     fn on_revoke<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) {
         let now = Instant::now();
         let in_flight = self.ledger.in_flight() + self.ready.len();
+        info!(
+            in_flight,
+            "revoke: delivering and committing the work in flight before the partitions go"
+        );
         if !self.drain(
             consumer,
             CloseReason::Rebalance,

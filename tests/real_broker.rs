@@ -1,14 +1,16 @@
 //! The real `login-metrics` binary against a real Kafka-protocol broker
-//! (tansu, a separate process on 127.0.0.1): end to end, kill -9, SIGTERM and
-//! two instances in one group. Input and output are checked with an
-//! independent consumer.
+//! (tansu, a separate process on 127.0.0.1): end to end, kill -9, SIGTERM,
+//! two instances in one group and a rebalance with a batch in flight. Input
+//! and output are checked with an independent consumer, and every run's
+//! commits against its own log (`common::order`).
 
 mod common;
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::broker::{service_env, Broker, Service};
+use common::broker::{service_env, wait_committed_while_running, Broker, Service};
+use common::order::{check_arrival_commit_order, logged, published_count, Logged, COMMIT_LOG};
 use common::*;
 use login_metrics::packet::Packet;
 use rand::{Rng, SeedableRng};
@@ -24,14 +26,25 @@ async fn broker_with_topics(partitions: i32) -> Broker {
     b
 }
 
+/// The service's environment: the common settings, commits logged (so a
+/// run's order can be checked, `common::order`), then `extra`.
 fn env(b: &Broker, group: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
     let mut e = service_env(&b.bootstrap, group);
     e.extend(
-        extra
-            .iter()
+        std::iter::once(&COMMIT_LOG)
+            .chain(extra)
             .map(|(k, v)| (format!("LOGIN_METRICS__{k}"), v.to_string())),
     );
     e
+}
+
+/// Committed offsets as the base of [`check_arrival_commit_order`] (none: 0).
+fn base(committed: &[i64]) -> HashMap<i32, i64> {
+    committed
+        .iter()
+        .enumerate()
+        .map(|(p, o)| (p as i32, (*o).max(0)))
+        .collect()
 }
 
 /// The output topic's packets with their offsets in that topic.
@@ -78,6 +91,13 @@ async fn end_to_end_over_tcp_counts_match_a_naive_count_and_dead_letters_arrive_
     wait_committed(&b.bootstrap, "e2e", &ends, DONE);
     svc.signal("TERM");
     assert_eq!(svc.wait_exit(DONE), Some(0), "{}", svc.stderr());
+    let (last, commits) = check_arrival_commit_order("e2e", &svc.stderr(), &base(&[0, 0, 0]));
+    assert!(commits > 1, "the commits are logged");
+    assert_eq!(
+        (0..3).map(|p| last[&p]).collect::<Vec<_>>(),
+        ends,
+        "the logged commits reach the end"
+    );
 
     let packets: Vec<Packet> = packets_with_offsets(&b.bootstrap)
         .into_iter()
@@ -157,6 +177,7 @@ async fn an_oversized_malformed_message_is_dead_lettered_truncated_and_the_strea
     wait_committed(&b.bootstrap, "big", &ends, DONE);
     svc.signal("TERM");
     assert_eq!(svc.wait_exit(DONE), Some(0), "{}", svc.stderr());
+    check_arrival_commit_order("big", &svc.stderr(), &base(&[0]));
 
     let dead = read_all(&b.bootstrap, DLQ);
     let big: Vec<&Read> = dead
@@ -247,6 +268,7 @@ async fn a_full_disk_under_the_metrics_log_delays_the_commit_and_never_duplicate
     assert_eq!(svc.http_get("/readyz").map(|r| r.0), Some(200));
     svc.signal("TERM");
     assert_eq!(svc.wait_exit(DONE), Some(0), "{}", svc.stderr());
+    check_arrival_commit_order("full", &svc.stderr(), &base(&[0]));
     let packets = read_packets(&b.bootstrap);
     let mut ids: Vec<&str> = packets.iter().map(|p| p.packet_id.as_str()).collect();
     ids.sort();
@@ -306,6 +328,7 @@ async fn kill_9_at_random_points_loses_nothing() {
     let mut runs: Vec<(std::ops::Range<i64>, Vec<i64>)> = Vec::new();
     let mut out_start = 0;
     for i in 0..6 {
+        let before = committed(&b.bootstrap, "crashy", 3);
         let svc = Service::start(dir.path(), &format!("crash{i}"), &e);
         svc.wait_ready(READY);
         let ms = rng.gen_range(200..2_500);
@@ -319,16 +342,19 @@ async fn kill_9_at_random_points_loses_nothing() {
         );
         std::thread::sleep(Duration::from_millis(300));
         let committed_after = committed(&b.bootstrap, "crashy", 3);
+        check_arrival_commit_order(&format!("crash{i}"), &svc.stderr(), &base(&before));
         let out_end = output_end(&b.bootstrap);
         eprintln!("run {i}: killed after {ms} ms; committed {committed_after:?}; output {out_start}..{out_end}");
         runs.push((out_start..out_end, committed_after));
         out_start = out_end;
     }
+    let before = committed(&b.bootstrap, "crashy", 3);
     let mut last = Service::start(dir.path(), "final", &e);
     last.wait_ready(READY);
     wait_committed(&b.bootstrap, "crashy", &ends, DONE);
     last.signal("TERM");
     assert_eq!(last.wait_exit(DONE), Some(0), "{}", last.stderr());
+    check_arrival_commit_order("final", &last.stderr(), &base(&before));
 
     let packets = packets_with_offsets(&b.bootstrap);
     let plain: Vec<Packet> = packets.iter().map(|(_, p)| p.clone()).collect();
@@ -388,7 +414,10 @@ async fn sigterm_mid_run_flushes_commits_exits_zero_and_a_restart_reprocesses_no
     );
     let mut first = Service::start(dir.path(), "first", &e);
     first.wait_ready(READY);
-    std::thread::sleep(Duration::from_millis(1000));
+    // However fast the machine: the signal comes once the first half is read.
+    first.wait_for("the first half consumed", DONE, |s| {
+        s.consumed() == Some(half as u64)
+    });
     first.signal("TERM");
     assert_eq!(first.wait_exit(DONE), Some(0), "{}", first.stderr());
     let stderr = first.stderr();
@@ -408,6 +437,12 @@ async fn sigterm_mid_run_flushes_commits_exits_zero_and_a_restart_reprocesses_no
         after_first,
         "offsets committed at shutdown"
     );
+    assert_eq!(
+        after_first,
+        end_offsets(&input_map(&inputs[..half], &malformed[..half]), 3),
+        "the shutdown packet is the whole first half"
+    );
+    check_arrival_commit_order("first", &stderr, &base(&[0, 0, 0]));
 
     assert_ne!(after_first, ends, "the first run stopped mid-input");
     produce(&b.bootstrap, INPUT, &inputs[half..]);
@@ -417,6 +452,7 @@ async fn sigterm_mid_run_flushes_commits_exits_zero_and_a_restart_reprocesses_no
     wait_committed(&b.bootstrap, "term", &ends, DONE);
     second.signal("TERM");
     assert_eq!(second.wait_exit(DONE), Some(0));
+    check_arrival_commit_order("second", &second.stderr(), &base(&after_first));
     for p in second.logged_packets() {
         for s in &p.sources {
             assert!(
@@ -458,6 +494,8 @@ async fn two_instances_in_one_group_share_the_partitions() {
     c.signal("TERM");
     assert_eq!(a.wait_exit(DONE), Some(0), "{}", a.stderr());
     assert_eq!(c.wait_exit(DONE), Some(0), "{}", c.stderr());
+    check_arrival_commit_order("a", &a.stderr(), &base(&[0, 0, 0]));
+    check_arrival_commit_order("c", &c.stderr(), &base(&[0, 0, 0]));
 
     let (pa, pc) = (a.logged_packets(), c.logged_packets());
     let parts = |ps: &[Packet]| {
@@ -486,4 +524,167 @@ async fn two_instances_in_one_group_share_the_partitions() {
     let covered = verify_packets(&plain, &input, &default_slices(), 100);
     assert_eq!(covered.len(), inputs.len(), "no event lost");
     assert!(covered.values().all(|&n| n == 1), "no event counted twice");
+}
+
+/// Instance `a` reads the first part of the input alone: one batch closes by
+/// count and is published, but its metrics log is a full disk (`/dev/full`),
+/// so the batch stays in flight (not acknowledged for its commit); the rest
+/// stays in the open batch. Instance `c` joins the group, and the rebalance
+/// revokes `a`'s partitions while that batch is in flight (`a` logs how much
+/// work was in flight). Once the disk has room, `a` delivers the batch in
+/// flight and the open batch, closed by the rebalance, and commits, before
+/// the partitions go. Then the rest of the input is shared by both; every
+/// input offset is in exactly one packet of the two, every invalid message in
+/// exactly one dead letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebalance_with_a_batch_in_flight_delivers_it_and_closes_the_open_batch() {
+    let b = broker_with_topics(3).await;
+    let group = "rebalance";
+    let dir = tempfile::tempdir().unwrap();
+    let (first, first_bad) = generated_input(65, 3_000, 1_500, 3);
+    // The second part: valid events only, 1000 per partition, so whichever
+    // instance reads a partition closes its batches by count and commits all.
+    let (more, more_bad) = generated_input(67, 3_000, 3_100, 3);
+    let second: Vec<Input> = more
+        .into_iter()
+        .zip(more_bad)
+        .filter(|(_, bad)| !bad)
+        .map(|(m, _)| m)
+        .take(3_000)
+        .enumerate()
+        .map(|(i, mut m)| {
+            m.partition = (i % 3) as i32;
+            m
+        })
+        .collect();
+    assert_eq!(second.len(), 3_000);
+    produce(&b.bootstrap, INPUT, &first);
+    let first_input = input_map(&first, &first_bad);
+    let all: Vec<Input> = first.iter().chain(&second).cloned().collect();
+    let all_bad: Vec<bool> = first_bad
+        .iter()
+        .copied()
+        .chain(std::iter::repeat_n(false, second.len()))
+        .collect();
+    let input = input_map(&all, &all_bad);
+    let ends = end_offsets(&input, 3);
+    // Service::start puts the log at DIR/NAME.metrics.log.
+    let log_a = dir.path().join("a.metrics.log");
+    std::os::unix::fs::symlink("/dev/full", &log_a).unwrap();
+    let e = env(
+        &b,
+        group,
+        &[
+            ("BATCH__MAX_EVENTS", "1000"),
+            ("BATCH__MAX_SPAN", "1h"),
+            ("BATCH__MAX_WAIT", "1h"),
+        ],
+    );
+    let mut a = Service::start(dir.path(), "a", &e);
+    a.wait_ready(READY);
+    a.wait_for(
+        "a consumed the first part and cannot log its packet",
+        DONE,
+        |s| {
+            s.consumed() == Some(first.len() as u64)
+                && metric(&s.metrics(), "login_metrics_metrics_log_failures_total")
+                    .is_some_and(|n| n >= 1.0)
+        },
+    );
+    assert_eq!(
+        metric_sum(&a.metrics(), "login_metrics_batches_total"),
+        1.0,
+        "one batch closed by count, the rest open"
+    );
+
+    let mut c = Service::start(dir.path(), "c", &e);
+    a.wait_for("a's partitions revoked", DONE, |s| {
+        logged(&s.stderr())
+            .iter()
+            .any(|l| matches!(l, Logged::Revoked { .. }))
+    });
+    let revoked: Vec<u64> = logged(&a.stderr())
+        .iter()
+        .filter_map(|l| match l {
+            Logged::Revoked { in_flight } => Some(*in_flight),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        revoked[0], 1,
+        "the batch closed by count was in flight at the revocation"
+    );
+    assert_eq!(
+        published_count(&a.stderr()),
+        0,
+        "no packet was acknowledged and logged yet"
+    );
+    // Room again: the next retry reopens the path as a regular file.
+    std::fs::remove_file(&log_a).unwrap();
+    c.wait_ready(READY);
+    a.wait_ready(READY);
+    let stderr = a.stderr();
+    assert!(
+        !stderr.contains("revoked with delivered offsets not committed"),
+        "the revocation's commit failed: {stderr}"
+    );
+    // a is assigned again only once the revocation has returned.
+    assert_eq!(
+        published_count(&stderr),
+        2,
+        "the revocation delivered the batch in flight and the open batch: {stderr}"
+    );
+    produce(&b.bootstrap, INPUT, &second);
+    wait_committed_while_running(&b.bootstrap, group, &ends, DONE, &mut [&mut a, &mut c]);
+    a.signal("TERM");
+    c.signal("TERM");
+    assert_eq!(a.wait_exit(DONE), Some(0), "{}", a.stderr());
+    assert_eq!(c.wait_exit(DONE), Some(0), "{}", c.stderr());
+
+    // a's first packets: the batch in flight, then the open batch closed by
+    // the rebalance; together they are the first part, each offset once.
+    let pa = a.logged_packets();
+    assert!(pa.len() >= 2, "{pa:?}");
+    assert_eq!(pa[0].window.closed_by, "count");
+    assert_eq!(pa[1].window.closed_by, "rebalance");
+    let mut covered: Vec<(i32, i64)> = pa[..2]
+        .iter()
+        .flat_map(|p| &p.sources)
+        .flat_map(|s| (s.first_offset..=s.last_offset).map(move |o| (s.partition, o)))
+        .collect();
+    covered.sort();
+    let mut want: Vec<(i32, i64)> = first_input.keys().copied().collect();
+    want.sort();
+    assert_eq!(covered, want, "the two packets cover the first part once");
+
+    let (parts_a, _) = check_arrival_commit_order("a", &a.stderr(), &base(&[0, 0, 0]));
+    assert_eq!(parts_a.len(), 3, "a committed on every partition");
+    let (parts_c, _) = check_arrival_commit_order("c", &c.stderr(), &HashMap::new());
+    assert!(!parts_c.is_empty(), "c worked and committed");
+
+    let packets = read_packets(&b.bootstrap);
+    let covered = verify_packets(&packets, &input, &default_slices(), 100);
+    assert_eq!(covered.len(), input.len(), "no event lost");
+    assert!(covered.values().all(|&n| n == 1), "no event counted twice");
+    let mut dead: Vec<(i32, i64)> = read_all(&b.bootstrap, DLQ)
+        .iter()
+        .map(|d| {
+            (
+                d.headers["source.partition"].parse().unwrap(),
+                d.headers["source.offset"].parse().unwrap(),
+            )
+        })
+        .collect();
+    dead.sort();
+    let mut invalid: Vec<(i32, i64)> = input
+        .iter()
+        .filter(|(_, (bad, _))| *bad)
+        .map(|(c, _)| *c)
+        .collect();
+    invalid.sort();
+    assert!(!invalid.is_empty());
+    assert_eq!(
+        dead, invalid,
+        "every invalid message is a dead letter exactly once"
+    );
 }

@@ -174,6 +174,68 @@ impl Service {
         }
     }
 
+    /// The telemetry page `/metrics` (empty when nothing answers).
+    pub fn metrics(&self) -> String {
+        self.http_get("/metrics")
+            .map(|(_, body)| body)
+            .unwrap_or_default()
+    }
+
+    /// The dashboard's `/api/status` (None when nothing answers).
+    pub fn status(&self) -> Option<serde_json::Value> {
+        let (code, body) = self.http_get("/api/status")?;
+        (code == 200).then(|| serde_json::from_str(&body).ok())?
+    }
+
+    /// Input messages this process has consumed so far (`/api/status` events).
+    pub fn consumed(&self) -> Option<u64> {
+        self.status()?["events"].as_u64()
+    }
+
+    /// Fails, with the process's log, when it is no longer running.
+    pub fn assert_running(&mut self) {
+        if let Some(status) = self.child.try_wait().expect("try_wait") {
+            panic!(
+                "login-metrics exited ({status}) while the test expected it to run; stderr:\n{}",
+                self.stderr()
+            );
+        }
+    }
+
+    /// Waits until `done` holds, checking that the process still runs; fails
+    /// naming `what` after `timeout`.
+    pub fn wait_for(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut done: impl FnMut(&Service) -> bool,
+    ) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if done(self) {
+                return;
+            }
+            self.assert_running();
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not seen in {timeout:?}; stderr:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The last `n` lines of the process's log, without the periodic
+    /// progress lines.
+    pub fn stderr_tail(&self, n: usize) -> String {
+        let all = self.stderr();
+        let lines: Vec<&str> = all
+            .lines()
+            .filter(|l| !l.contains("\"message\":\"progress\""))
+            .collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
@@ -218,5 +280,34 @@ impl Drop for Service {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Waits until `group`'s committed offsets on the input topic equal
+/// `expected`, failing (with its log) when one of `services` stops meanwhile.
+pub fn wait_committed_while_running(
+    bootstrap: &str,
+    group: &str,
+    expected: &[i64],
+    timeout: Duration,
+    services: &mut [&mut Service],
+) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let now = super::committed(bootstrap, group, expected.len() as i32);
+        if now == expected {
+            return;
+        }
+        for s in services.iter_mut() {
+            s.assert_running();
+        }
+        if Instant::now() >= deadline {
+            let logs: Vec<String> = services.iter().map(|s| s.stderr_tail(80)).collect();
+            panic!(
+                "committed offsets {now:?}, expected {expected:?}; the services' last log lines:\n{}",
+                logs.join("\n----\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
 }

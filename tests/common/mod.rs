@@ -6,6 +6,7 @@
 pub mod broker;
 pub mod browser;
 pub mod cli;
+pub mod order;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -547,69 +548,6 @@ pub fn end_offsets(input: &InputMap, partitions: i32) -> Vec<i64> {
         .collect()
 }
 
-/// Samples the group's committed offsets during a run and checks that none
-/// is ever ahead of what delivered packets cover ("never commit before delivery").
-pub struct CommitWatch {
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    handle: std::thread::JoinHandle<(usize, Vec<String>)>,
-}
-
-impl CommitWatch {
-    pub fn start(
-        bootstrap: &str,
-        group: &str,
-        partitions: i32,
-        delivered: Arc<Mutex<Vec<Packet>>>,
-    ) -> CommitWatch {
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (bs, group, flag) = (bootstrap.to_string(), group.to_string(), stop.clone());
-        let handle = std::thread::spawn(move || {
-            let s = settings(&bs, Path::new("unused"), &[("KAFKA__GROUP_ID", &group)]);
-            let (mut samples, mut violations) = (0, Vec::new());
-            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-                // Committed first, packets second: packets only grow, so a commit
-                // seen here must already be covered by the packets read after it.
-                if let Ok(now) = login_metrics::source::committed_offsets(
-                    &s.kafka,
-                    partitions,
-                    Duration::from_secs(2),
-                ) {
-                    let packets = delivered.lock().unwrap().clone();
-                    for (p, c) in now.iter().enumerate() {
-                        let covered = packets
-                            .iter()
-                            .flat_map(|pk| &pk.sources)
-                            .filter(|s| s.partition == p as i32)
-                            .map(|s| s.last_offset + 1)
-                            .max()
-                            .unwrap_or(-1);
-                        if *c > covered.max(0) {
-                            violations.push(format!(
-                                "partition {p}: committed {c}, delivered up to {covered}"
-                            ));
-                        }
-                    }
-                    samples += 1;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            (samples, violations)
-        });
-        CommitWatch { stop, handle }
-    }
-
-    /// Stops sampling and asserts no violation was seen.
-    pub fn check(self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let (samples, violations) = self.handle.join().unwrap();
-        assert!(samples > 0, "the watch took no sample");
-        assert!(
-            violations.is_empty(),
-            "committed before delivery: {violations:?}"
-        );
-    }
-}
-
 /// A plain HTTP/1.0 GET; (status, body), or None when nothing answers.
 pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
@@ -630,4 +568,20 @@ pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
 pub fn metric(page: &str, name: &str) -> Option<f64> {
     page.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// The sum of a metric's series in a Prometheus text page, whatever their
+/// labels (0 when there is none).
+pub fn metric_sum(page: &str, name: &str) -> f64 {
+    page.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let value = if rest.starts_with('{') {
+                rest.rsplit_once(' ')?.1
+            } else {
+                rest.strip_prefix(' ')?
+            };
+            value.trim().parse::<f64>().ok()
+        })
+        .sum()
 }
