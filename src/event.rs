@@ -168,6 +168,9 @@ pub struct Requirements {
 const MILLIS_THRESHOLD: f64 = 1e11;
 /// Largest accepted epoch milliseconds (the year 5138); beyond is a unit error.
 const MAX_MILLIS: f64 = 1e14;
+/// The instants RFC 3339 can write in UTC, the years 0000-9999 in epoch
+/// milliseconds: 0000-01-01T00:00:00.000Z and 9999-12-31T23:59:59.999Z.
+const RFC3339_MILLIS: std::ops::RangeInclusive<i64> = -62_167_219_200_000..=253_402_300_799_999;
 
 /// Parses one message payload.
 pub fn parse<'a>(payload: &'a [u8], req: &Requirements) -> Result<LoginEvent<'a>, InvalidEvent> {
@@ -249,12 +252,18 @@ fn normalize_timestamp(value: &TsValue<'_>) -> Result<i64, String> {
                     return epoch_to_millis(f, "string");
                 }
             }
-            DateTime::parse_from_rfc3339(t)
+            let ms = DateTime::parse_from_rfc3339(t)
                 .map(|dt| dt.timestamp_millis())
                 .map_err(|_| {
                     "timestamp string is neither epoch seconds, epoch milliseconds nor RFC 3339"
                         .to_string()
-                })
+                })?;
+            // An offset (or a leap second) can carry a time written in the
+            // years 0000-9999 out of them in UTC.
+            if !RFC3339_MILLIS.contains(&ms) {
+                return Err("RFC 3339 timestamp is outside the years 0000-9999 in UTC".to_string());
+            }
+            Ok(ms)
         }
         TsValue::Wrong(found) => Err(format!(
             "timestamp must be a number or a string, found {found}"
@@ -493,6 +502,31 @@ mod tests {
         }
         let frac = ok(r#"{"user_id":"u","timestamp":1694479551.25}"#);
         assert_eq!(frac.timestamp_ms, Some(1_694_479_551_250));
+    }
+
+    #[test]
+    fn rfc3339_is_accepted_only_within_the_years_0000_to_9999_in_utc() {
+        let ts = |text: &str| {
+            parse(
+                format!(r#"{{"user_id":"u","timestamp":"{text}"}}"#).as_bytes(),
+                &req(),
+            )
+            .map(|ev| ev.timestamp_ms.unwrap())
+            .map_err(|e| e.kind)
+        };
+        assert_eq!(ts("0000-01-01T00:00:00Z"), Ok(-62_167_219_200_000));
+        assert_eq!(ts("9999-12-31T23:59:59.999Z"), Ok(253_402_300_799_999));
+        assert_eq!(ts("0000-01-01T01:00:00+01:00"), Ok(-62_167_219_200_000));
+        // The year -1 and the year 10000 in UTC.
+        assert_eq!(
+            ts("0000-01-01T00:00:00+01:00"),
+            Err(ErrorKind::BadTimestamp)
+        );
+        assert_eq!(
+            ts("9999-12-31T23:30:00-00:31"),
+            Err(ErrorKind::BadTimestamp)
+        );
+        assert_eq!(ts("9999-12-31T23:59:60Z"), Err(ErrorKind::BadTimestamp));
     }
 
     #[test]

@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -288,6 +289,17 @@ impl ConfigError {
     }
 }
 
+/// Where the layer between the defaults and the environment comes from.
+enum FileLayer<'a> {
+    /// The file given with `--config`.
+    Path(&'a Path),
+    /// TOML text in memory.
+    Text(&'a str),
+}
+
+/// The largest integer setting: the largest TOML integer.
+const MAX_INT: u64 = i64::MAX as u64;
+
 /// The most rotated metrics log files kept.
 const MAX_KEEP: u64 = 1000;
 
@@ -305,10 +317,26 @@ impl Settings {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Settings, ConfigError> {
-        let defaults = tree(config::Config::builder().add_source(default_source()))
-            .expect("the embedded config/default.toml is valid");
-        let (merged, mut problems) = Self::layers(&defaults, file, env)?;
-        match Self::from_tree(&merged, &defaults) {
+        Self::load_layers(file.map(FileLayer::Path), env)
+    }
+
+    /// As [`Settings::load_with_env`], with the `--config` layer given as TOML
+    /// text instead of a file, so that no file but `privacy.key_file` is read
+    /// and the process environment is untouched (tests, fuzzing).
+    pub fn load_from_str(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, ConfigError> {
+        Self::load_layers(Some(FileLayer::Text(text)), env)
+    }
+
+    fn load_layers(
+        file: Option<FileLayer<'_>>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, ConfigError> {
+        let defaults = defaults();
+        let (merged, mut problems) = Self::layers(defaults, file, env)?;
+        match Self::from_tree(&merged, defaults) {
             Ok(s) if problems.is_empty() => Ok(s),
             Ok(_) => Err(ConfigError { problems }),
             Err(mut e) => {
@@ -322,7 +350,7 @@ impl Settings {
     /// the problems found in single layers.
     fn layers(
         defaults: &Value,
-        file: Option<&Path>,
+        file: Option<FileLayer<'_>>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<(Value, Vec<Problem>), ConfigError> {
         // Each layer is read on its own and its librdkafka property names are
@@ -332,30 +360,57 @@ impl Settings {
         let mut problems = Vec::new();
         let mut merged = defaults.clone();
         normalise_properties(&mut merged, "config/default.toml", &mut problems);
-        if let Some(path) = file {
-            if !path.is_file() {
-                return Err(ConfigError::single(
-                    "--config",
-                    format!("{} is not a readable file", path.display()),
-                ));
-            }
-            let mut layer = tree(config::Config::builder().add_source(
-                config::File::from(path.to_path_buf()).format(config::FileFormat::Toml),
-            ))
-            .map_err(|e| ConfigError::single("--config", e))?;
-            normalise_properties(&mut layer, &path.display().to_string(), &mut problems);
+        if let Some(file) = file {
+            let (layer, name) = match file {
+                FileLayer::Path(path) => {
+                    if !path.is_file() {
+                        return Err(ConfigError::single(
+                            "--config",
+                            format!("{} is not a readable file", path.display()),
+                        ));
+                    }
+                    if let Ok(text) = std::fs::read_to_string(path) {
+                        refuse_bracketed_keys(&text)?;
+                    }
+                    let layer = tree(config::Config::builder().add_source(
+                        config::File::from(path.to_path_buf()).format(config::FileFormat::Toml),
+                    ));
+                    (layer, path.display().to_string())
+                }
+                FileLayer::Text(text) => {
+                    refuse_bracketed_keys(text)?;
+                    let layer = tree(
+                        config::Config::builder()
+                            .add_source(config::File::from_str(text, config::FileFormat::Toml)),
+                    );
+                    (layer, "the configuration text".to_string())
+                }
+            };
+            let mut layer = layer.map_err(|e| ConfigError::single("--config", e))?;
+            normalise_properties(&mut layer, &name, &mut problems);
             merge(&mut merged, layer);
         }
-        let env: config::Map<String, String> = env
-            .into_iter()
-            .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__")))
-            .collect();
+        let prefix = format!("{ENV_PREFIX}__");
+        let mut vars = config::Map::new();
+        for (k, v) in env {
+            if !k.starts_with(&prefix) {
+                continue;
+            }
+            if k.contains(['[', ']']) {
+                problems.push(Problem {
+                    key: k,
+                    message: BRACKETED_KEY.to_string(),
+                });
+                continue;
+            }
+            vars.insert(k, v);
+        }
         let mut layer = tree(
             config::Config::builder().add_source(
                 config::Environment::with_prefix(ENV_PREFIX)
                     .prefix_separator("__")
                     .separator("__")
-                    .source(Some(env)),
+                    .source(Some(vars)),
             ),
         )
         .map_err(|e| ConfigError::single("--config", e))?;
@@ -383,7 +438,7 @@ impl Settings {
             // zstd needs librdkafka built with libzstd, which this build is not.
             compression: r.one_of("kafka.compression", &["none", "gzip", "snappy", "lz4"]),
             delivery_timeout: r.duration("kafka.delivery_timeout", Duration::from_millis(1)),
-            delivery_attempts: r.int("kafka.delivery_attempts", 1) as u32,
+            delivery_attempts: r.int_in("kafka.delivery_attempts", 1, u32::MAX.into()) as u32,
             consumer: r.properties(
                 "kafka.consumer",
                 &[
@@ -656,6 +711,40 @@ fn default_source() -> config::File<config::FileSourceString, config::FileFormat
     config::File::from_str(DEFAULT_TOML, config::FileFormat::Toml)
 }
 
+const BRACKETED_KEY: &str = "unknown key (no key holds `[` or `]`)";
+
+/// Refuses a TOML layer with a top-level key holding `[` or `]`: the config
+/// crate reads such a key as a path with an array index (`"a[99999999999]"`)
+/// and grows an array to that length. Text that is not TOML passes, for the
+/// layer's own parse to report.
+fn refuse_bracketed_keys(text: &str) -> Result<(), ConfigError> {
+    let Ok(table) = config::Format::parse(&config::FileFormat::Toml, None, text) else {
+        return Ok(());
+    };
+    let problems: Vec<Problem> = table
+        .keys()
+        .filter(|k| k.contains(['[', ']']))
+        .map(|k| Problem {
+            key: k.clone(),
+            message: BRACKETED_KEY.to_string(),
+        })
+        .collect();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigError { problems })
+    }
+}
+
+/// The key tree of the embedded defaults, parsed once.
+fn defaults() -> &'static Value {
+    static DEFAULTS: OnceLock<Value> = OnceLock::new();
+    DEFAULTS.get_or_init(|| {
+        tree(config::Config::builder().add_source(default_source()))
+            .expect("the embedded config/default.toml is valid")
+    })
+}
+
 /// Rewrites the keys of the librdkafka property tables of one layer in their
 /// dotted form. Environment variables cannot carry dots and librdkafka
 /// property names never contain underscores, so the mapping is unambiguous;
@@ -786,7 +875,7 @@ impl Reader<'_> {
     }
 
     fn int_in(&mut self, key: &str, min: u64, max: u64) -> u64 {
-        let n = self.int(key, min);
+        let n = self.whole_number(key, min);
         if n > max {
             self.problem(key, format!("must be at most {max}, found {n}"));
             return max;
@@ -794,7 +883,13 @@ impl Reader<'_> {
         n
     }
 
+    /// A whole number no larger than a TOML integer can be, so that the
+    /// printed configuration loads again.
     fn int(&mut self, key: &str, min: u64) -> u64 {
+        self.int_in(key, min, MAX_INT)
+    }
+
+    fn whole_number(&mut self, key: &str, min: u64) -> u64 {
         let parsed = match self.get(key) {
             Some(Value::Number(n)) => n
                 .as_u64()
@@ -1221,6 +1316,68 @@ mod tests {
         .unwrap();
         let err = Settings::load_with_env(Some(&path), env(&[])).unwrap_err();
         assert_eq!(keys(err), vec!["kafka.producer.linger.ms"]);
+    }
+
+    #[test]
+    fn configuration_text_loads_as_a_file_does() {
+        let s = Settings::load_from_str(
+            "[batch]\nmode = \"arrival\"\nmax_events = 7\n",
+            env(&[("LOGIN_METRICS__BATCH__MAX_EVENTS", "8")]),
+        )
+        .unwrap();
+        assert_eq!(s.batch.mode, BatchMode::Arrival);
+        assert_eq!(s.batch.max_events, 8);
+        let err = Settings::load_from_str("[batch\n", env(&[])).unwrap_err();
+        assert_eq!(keys(err), vec!["--config"]);
+    }
+
+    #[test]
+    fn integers_are_bounded_so_the_printed_configuration_loads() {
+        // u32::MAX + 1 attempts once wrapped to 0 attempts.
+        let err = Settings::load_with_env(
+            None,
+            env(&[("LOGIN_METRICS__KAFKA__DELIVERY_ATTEMPTS", "4294967296")]),
+        )
+        .unwrap_err();
+        assert_eq!(keys(err), vec!["kafka.delivery_attempts"]);
+        // Beyond the largest TOML integer, the printed configuration did not load.
+        let err = Settings::load_with_env(
+            None,
+            env(&[
+                (
+                    "LOGIN_METRICS__METRICS_LOG__MAX_BYTES",
+                    "9223372036854775808",
+                ),
+                ("LOGIN_METRICS__BATCH__MAX_EVENTS", "18446744073709551615"),
+            ]),
+        )
+        .unwrap_err();
+        assert_eq!(keys(err), vec!["batch.max_events", "metrics_log.max_bytes"]);
+        let s = Settings::load_with_env(
+            None,
+            env(&[(
+                "LOGIN_METRICS__METRICS_LOG__MAX_BYTES",
+                "9223372036854775807",
+            )]),
+        )
+        .unwrap();
+        let again = Settings::load_from_str(&s.redacted_toml(), env(&[])).unwrap();
+        assert_eq!(again.metrics_log.max_bytes, i64::MAX as u64);
+    }
+
+    #[test]
+    fn a_key_with_an_array_index_is_refused_before_it_allocates() {
+        // Each would have grown an array to 10^11 elements.
+        let err = Settings::load_from_str("\"x[99999999999]\" = 1\n", env(&[])).unwrap_err();
+        assert_eq!(keys(err), vec!["x[99999999999]"]);
+        let err = Settings::load_with_env(None, env(&[("LOGIN_METRICS__BATCH[99999999999]", "1")]))
+            .unwrap_err();
+        assert_eq!(keys(err), vec!["LOGIN_METRICS__BATCH[99999999999]"]);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "'kafka[-99999999999]' = 1\n").unwrap();
+        let err = Settings::load_with_env(Some(&path), env(&[])).unwrap_err();
+        assert_eq!(keys(err), vec!["kafka[-99999999999]"]);
     }
 
     #[test]
