@@ -66,6 +66,34 @@ fn config_prints_the_effective_configuration_with_secrets_redacted() {
     );
 }
 
+/// The default sets `"compression.level" = "1"`; an operator's override,
+/// spelled the only way an environment variable can spell it, or in a
+/// `--config` file, wins in every process, whatever the process's hash
+/// seeds (the two spellings once were two keys of an unordered map).
+#[test]
+fn a_property_override_beats_the_default_on_every_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("c.toml");
+    std::fs::write(&file, "[kafka.producer]\ncompression_level = \"7\"\n").unwrap();
+    for start in 0..20 {
+        let (out, text, err) = run(bin()
+            .arg("config")
+            .env("LOGIN_METRICS__KAFKA__PRODUCER__COMPRESSION_LEVEL", "9"));
+        assert!(out.status.success(), "{err}");
+        assert!(
+            text.contains("\"compression.level\" = \"9\"")
+                && text.matches("compression").count() == 2,
+            "start {start}: {text}"
+        );
+        let (out, text, err) = run(bin().arg("config").arg("--config").arg(&file));
+        assert!(out.status.success(), "{err}");
+        assert!(
+            text.contains("\"compression.level\" = \"7\""),
+            "start {start}: {text}"
+        );
+    }
+}
+
 #[test]
 fn pseudonym_prints_the_keyed_hmac_of_each_value() {
     let (out, text, err) = run(bin()
