@@ -315,16 +315,6 @@ fn a_slow_broker_only_slows_the_pipeline() {
     assert_exactly_once(&bs, &input);
 }
 
-/// The output topic's packets with their offsets there, in order.
-fn packets_with_offsets(bootstrap: &str) -> Vec<(i64, Packet)> {
-    let mut reads = read_all(bootstrap, OUTPUT);
-    reads.sort_by_key(|r| r.offset);
-    reads
-        .into_iter()
-        .map(|r| (r.offset, serde_json::from_slice(&r.payload).unwrap()))
-        .collect()
-}
-
 /// kill -9 with work in flight, three times. Each run first commits
 /// something; then delivery stalls (the output's broker goes down) while the
 /// consumer goes on closing batches, and the process is killed with closed
@@ -350,7 +340,7 @@ fn kill_9_with_batches_in_flight_loses_nothing() {
         &[("BATCH__MAX_EVENTS", "1000"), ("BATCH__MAX_SPAN", "1h")],
     );
     // Per killed run: the output offsets it published at and the commits it left.
-    let mut runs: Vec<(std::ops::Range<i64>, Vec<i64>)> = Vec::new();
+    let mut runs: Vec<KilledRun> = Vec::new();
     let mut out_start = 0;
     for i in 0..3 {
         let name = format!("crash{i}");
@@ -400,36 +390,7 @@ fn kill_9_with_batches_in_flight_loses_nothing() {
     stop(&mut last);
     check_arrival_commit_order("final", &last.stderr(), &base(&before));
 
-    let packets = packets_with_offsets(&bs);
-    let plain: Vec<Packet> = packets.iter().map(|(_, p)| p.clone()).collect();
-    let covered = verify_packets(&plain, &input, &default_slices(), 100);
-    assert_eq!(
-        covered.len(),
-        inputs.len(),
-        "nothing lost: every input offset is in a delivered packet"
-    );
-    let mut committed_cover: HashMap<(i32, i64), usize> = HashMap::new();
-    let mut replays = 0;
-    for (out_offset, p) in &packets {
-        let killed = runs.iter().find(|(range, _)| range.contains(out_offset));
-        for s in &p.sources {
-            for o in s.first_offset..=s.last_offset {
-                match killed {
-                    Some((_, after)) if o >= after[s.partition as usize] => replays += 1,
-                    _ => *committed_cover.entry((s.partition, o)).or_default() += 1,
-                }
-            }
-        }
-    }
-    for (coord, n) in &committed_cover {
-        assert_eq!(*n, 1, "{coord:?} is covered by {n} committed packets");
-    }
-    assert_eq!(committed_cover.len(), inputs.len());
-    eprintln!(
-        "kill -9 x{}: {} packets, {replays} replayed event coverages",
-        runs.len(),
-        packets.len()
-    );
+    assert_each_offset_committed_once(&bs, &input, &runs);
 }
 
 /// A revocation while delivery cannot finish — the metrics log's disk is

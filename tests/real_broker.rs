@@ -47,21 +47,6 @@ fn base(committed: &[i64]) -> HashMap<i32, i64> {
         .collect()
 }
 
-/// The output topic's packets with their offsets in that topic.
-fn packets_with_offsets(bootstrap: &str) -> Vec<(i64, Packet)> {
-    let mut reads = read_all(bootstrap, OUTPUT);
-    reads.sort_by_key(|r| r.offset);
-    reads
-        .into_iter()
-        .map(|r| {
-            (
-                r.offset,
-                serde_json::from_slice(&r.payload).expect("packet"),
-            )
-        })
-        .collect()
-}
-
 fn output_end(bootstrap: &str) -> i64 {
     read_all(bootstrap, OUTPUT)
         .iter()
@@ -325,7 +310,7 @@ async fn kill_9_at_random_points_loses_nothing() {
     let seed = 20261121u64;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     // Per killed run: the output offsets it published at and the commits it left.
-    let mut runs: Vec<(std::ops::Range<i64>, Vec<i64>)> = Vec::new();
+    let mut runs: Vec<KilledRun> = Vec::new();
     let mut out_start = 0;
     for i in 0..6 {
         let before = committed(&b.bootstrap, "crashy", 3);
@@ -356,39 +341,7 @@ async fn kill_9_at_random_points_loses_nothing() {
     assert_eq!(last.wait_exit(DONE), Some(0), "{}", last.stderr());
     check_arrival_commit_order("final", &last.stderr(), &base(&before));
 
-    let packets = packets_with_offsets(&b.bootstrap);
-    let plain: Vec<Packet> = packets.iter().map(|(_, p)| p.clone()).collect();
-    let covered = verify_packets(&plain, &input, &default_slices(), 100);
-    assert_eq!(
-        covered.len(),
-        inputs.len(),
-        "nothing lost: every input offset is in a delivered packet"
-    );
-
-    // Exactly one coverage of each offset is a committed one. The others come
-    // from killed runs and lie at or past the last commit before that kill.
-    let mut committed_cover: HashMap<(i32, i64), usize> = HashMap::new();
-    let mut replays = 0;
-    for (out_offset, p) in &packets {
-        let killed = runs.iter().find(|(range, _)| range.contains(out_offset));
-        for s in &p.sources {
-            for o in s.first_offset..=s.last_offset {
-                match killed {
-                    Some((_, after)) if o >= after[s.partition as usize] => replays += 1,
-                    _ => *committed_cover.entry((s.partition, o)).or_default() += 1,
-                }
-            }
-        }
-    }
-    for (coord, n) in &committed_cover {
-        assert_eq!(*n, 1, "{coord:?} is covered by {n} committed packets");
-    }
-    assert_eq!(committed_cover.len(), inputs.len());
-    eprintln!(
-        "kill -9 x{}: {} packets, {replays} replayed event coverages",
-        runs.len(),
-        packets.len()
-    );
+    assert_each_offset_committed_once(&b.bootstrap, &input, &runs);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -585,3 +585,64 @@ pub fn metric_sum(page: &str, name: &str) -> f64 {
         })
         .sum()
 }
+
+/// The output topic's packets with their offsets in that topic, in order.
+pub fn packets_with_offsets(bootstrap: &str) -> Vec<(i64, Packet)> {
+    let mut reads = read_all(bootstrap, OUTPUT);
+    reads.sort_by_key(|r| r.offset);
+    reads
+        .into_iter()
+        .map(|r| {
+            (
+                r.offset,
+                serde_json::from_slice(&r.payload).expect("packet"),
+            )
+        })
+        .collect()
+}
+
+/// One killed run: the output offsets its packets took, and per input
+/// partition the committed offset after the kill.
+pub type KilledRun = (std::ops::Range<i64>, Vec<i64>);
+
+/// After runs killed with kill -9 and a last run to the end: nothing is lost,
+/// and every input offset is in exactly one committed packet. The other
+/// copies come from killed runs and lie at or past the last commit before
+/// that kill. Returns how many such replayed coverages there were.
+pub fn assert_each_offset_committed_once(
+    bootstrap: &str,
+    input: &InputMap,
+    runs: &[KilledRun],
+) -> usize {
+    let packets = packets_with_offsets(bootstrap);
+    let plain: Vec<Packet> = packets.iter().map(|(_, p)| p.clone()).collect();
+    let covered = verify_packets(&plain, input, &default_slices(), 100);
+    assert_eq!(
+        covered.len(),
+        input.len(),
+        "nothing lost: every input offset is in a delivered packet"
+    );
+    let mut committed_cover: HashMap<(i32, i64), usize> = HashMap::new();
+    let mut replays = 0;
+    for (out_offset, p) in &packets {
+        let killed = runs.iter().find(|(range, _)| range.contains(out_offset));
+        for s in &p.sources {
+            for o in s.first_offset..=s.last_offset {
+                match killed {
+                    Some((_, after)) if o >= after[s.partition as usize] => replays += 1,
+                    _ => *committed_cover.entry((s.partition, o)).or_default() += 1,
+                }
+            }
+        }
+    }
+    for (coord, n) in &committed_cover {
+        assert_eq!(*n, 1, "{coord:?} is covered by {n} committed packets");
+    }
+    assert_eq!(committed_cover.len(), input.len());
+    eprintln!(
+        "kill -9 x{}: {} packets, {replays} replayed event coverages",
+        runs.len(),
+        packets.len()
+    );
+    replays
+}
