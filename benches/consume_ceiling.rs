@@ -1,7 +1,8 @@
 //! The consume-only ceiling: a bare librdkafka consumer with the service's own
 //! consumer settings (group join, fetch sizes, `kafka.consumer` overrides from
-//! the configuration layers) that polls every message of a preloaded topic and
-//! only touches its payload length. `scripts/bench-e2e` runs it next to
+//! the configuration layers) that reads every message of a preloaded topic and
+//! only touches its payload length — in bulk, the way the service fetches
+//! ([`login_metrics::fetch`]), or one message per `poll`. `scripts/bench-e2e` runs it next to
 //! `login-metrics run` against the same topic; what the service reaches is
 //! measured against it.
 //!
@@ -11,7 +12,8 @@
 //!   and exits 0, so a plain `cargo bench` needs no broker);
 //! - `CONSUME_CEILING_TOPIC`: the topic (default: `kafka.input_topic`);
 //! - `CONSUME_CEILING_MESSAGES`: how many messages the topic holds;
-//! - `CONSUME_CEILING_STALL`: seconds without a message before giving up (default 60).
+//! - `CONSUME_CEILING_STALL`: seconds without a message before giving up (default 60);
+//! - `CONSUME_CEILING_FETCH`: `batch` (default) or `poll`.
 //!
 //! Prints one human-readable line on stderr and one JSON object on stdout:
 //! `messages`, `payload_bytes`, `first_message_s` (from start, group join
@@ -21,9 +23,27 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use login_metrics::fetch::{FetchQueue, Routes};
 use login_metrics::settings::Settings;
 use login_metrics::source::consumer_config;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::ClientContext;
+
+/// Routes assigned partitions to the fetch queue, as the service's context does.
+#[derive(Default)]
+struct Ceiling {
+    routes: Routes,
+}
+
+impl ClientContext for Ceiling {}
+
+impl ConsumerContext for Ceiling {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            self.routes.route(consumer, tpl);
+        }
+    }
+}
 
 fn main() -> ExitCode {
     let Ok(bootstrap) = std::env::var("CONSUME_CEILING_BOOTSTRAP") else {
@@ -69,8 +89,17 @@ fn run(bootstrap: &str) -> Result<(), String> {
     k.group_id = format!("consume-ceiling-{}-{nanos}", std::process::id());
 
     let started = Instant::now();
-    let consumer: BaseConsumer = consumer_config(k)
-        .create()
+    let batch = match std::env::var("CONSUME_CEILING_FETCH").as_deref() {
+        Ok("batch") | Err(_) => true,
+        Ok("poll") => false,
+        Ok(other) => {
+            return Err(format!(
+                "CONSUME_CEILING_FETCH: `{other}` is neither batch nor poll"
+            ))
+        }
+    };
+    let consumer: BaseConsumer<Ceiling> = consumer_config(k)
+        .create_with_context(Ceiling::default())
         .map_err(|e| format!("cannot create the consumer: {e}"))?;
     consumer
         .subscribe(&[&k.input_topic])
@@ -79,22 +108,45 @@ fn run(bootstrap: &str) -> Result<(), String> {
     let (mut messages, mut bytes, mut errors) = (0u64, 0u64, 0u64);
     let mut first: Option<Instant> = None;
     let mut last = started;
+    let mut fetch = batch.then(|| FetchQueue::new(&consumer, &consumer.context().routes));
     while messages < expected {
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => {
-                let now = Instant::now();
-                first.get_or_insert(now);
-                last = now;
-                messages += 1;
-                bytes += m.payload_len() as u64;
-            }
-            Some(Err(e)) => {
+        if let Some(fetch) = fetch.as_mut() {
+            // Rebalances and errors; the messages come through `fetch`.
+            if let Some(Err(e)) = consumer.poll(Duration::ZERO) {
                 errors += 1;
                 if errors <= 5 {
                     eprintln!("consume_ceiling: consumer error (librdkafka retries): {e}");
                 }
             }
-            None => {}
+            let fetched = fetch.fetch(Duration::from_millis(100));
+            if !fetched.is_empty() {
+                let now = Instant::now();
+                first.get_or_insert(now);
+                last = now;
+                for m in fetched.messages() {
+                    if m.error().is_none() {
+                        messages += 1;
+                        bytes += m.payload.len() as u64;
+                    }
+                }
+            }
+        } else {
+            match consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => {
+                    let now = Instant::now();
+                    first.get_or_insert(now);
+                    last = now;
+                    messages += 1;
+                    bytes += m.payload_len() as u64;
+                }
+                Some(Err(e)) => {
+                    errors += 1;
+                    if errors <= 5 {
+                        eprintln!("consume_ceiling: consumer error (librdkafka retries): {e}");
+                    }
+                }
+                None => {}
+            }
         }
         if last.elapsed() >= stall {
             return Err(format!(
@@ -123,6 +175,7 @@ fn run(bootstrap: &str) -> Result<(), String> {
     println!(
         "{}",
         serde_json::json!({
+            "fetch": if batch { "batch" } else { "poll" },
             "messages": messages,
             "payload_bytes": bytes,
             "first_message_s": first_message_s,

@@ -11,7 +11,7 @@ use chrono::Utc;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use login_metrics::analysis::analyze;
 use login_metrics::batch::{Batch, Batcher, CloseReason, Columns, Coord, Limits};
-use login_metrics::event::{parse, Field, Requirements};
+use login_metrics::event::{parse, parse_with_serde, Field, Requirements};
 use login_metrics::generator::{Generator, GeneratorConfig};
 use login_metrics::packet;
 use login_metrics::privacy::Pseudonymizer;
@@ -109,6 +109,14 @@ fn bench_parse(c: &mut Criterion) {
         b.iter(|| {
             for p in &data {
                 let _ = black_box(parse(black_box(p), &req));
+            }
+        })
+    });
+    // The reference the fast path is measured against.
+    g.bench_function("100k events, serde_json only", |b| {
+        b.iter(|| {
+            for p in &data {
+                let _ = black_box(parse_with_serde(black_box(p), &req));
             }
         })
     });

@@ -174,10 +174,30 @@ const RFC3339_MILLIS: std::ops::RangeInclusive<i64> = -62_167_219_200_000..=253_
 
 /// Parses one message payload.
 pub fn parse<'a>(payload: &'a [u8], req: &Requirements) -> Result<LoginEvent<'a>, InvalidEvent> {
+    let raw = match scan(payload) {
+        Some(raw) => raw,
+        None => read_json(payload)?,
+    };
+    check(raw, req)
+}
+
+/// [`parse`] without the fast path: serde_json decides everything. The
+/// reference the fast path is tested against.
+#[doc(hidden)]
+pub fn parse_with_serde<'a>(
+    payload: &'a [u8],
+    req: &Requirements,
+) -> Result<LoginEvent<'a>, InvalidEvent> {
+    check(read_json(payload)?, req)
+}
+
+/// Reads the payload with serde_json: every form JSON allows, and the
+/// classification of what is not an object.
+fn read_json(payload: &[u8]) -> Result<RawEvent<'_>, InvalidEvent> {
     if payload.iter().all(u8::is_ascii_whitespace) {
         return Err(InvalidEvent::new(ErrorKind::NotJson, "empty message"));
     }
-    let raw: RawEvent<'a> = serde_json::from_slice(payload).map_err(|e| {
+    serde_json::from_slice(payload).map_err(|e| {
         if e.is_data() {
             InvalidEvent::new(
                 ErrorKind::NotObject,
@@ -186,7 +206,11 @@ pub fn parse<'a>(payload: &'a [u8], req: &Requirements) -> Result<LoginEvent<'a>
         } else {
             InvalidEvent::new(ErrorKind::NotJson, format!("not JSON: {e}"))
         }
-    })?;
+    })
+}
+
+/// Applies the requirements to what was read.
+fn check<'a>(raw: RawEvent<'a>, req: &Requirements) -> Result<LoginEvent<'a>, InvalidEvent> {
     if let Some((field, found)) = raw.wrong_type {
         return Err(InvalidEvent::new(
             ErrorKind::WrongType,
@@ -293,6 +317,28 @@ struct RawEvent<'a> {
     wrong_type: Option<(Field, &'static str)>,
 }
 
+impl<'a> RawEvent<'a> {
+    fn new() -> Self {
+        RawEvent {
+            fields: Default::default(),
+            timestamp: TsValue::Absent,
+            wrong_type: None,
+        }
+    }
+
+    /// A field's value; the last occurrence of a key wins, except that the
+    /// first value of a wrong type is what the event is rejected for.
+    fn set_field(&mut self, field: Field, value: StrValue<'a>) {
+        match value {
+            StrValue::Str(s) => self.fields[field.index()] = Some(s),
+            StrValue::Null => self.fields[field.index()] = None,
+            StrValue::Wrong(found) => {
+                self.wrong_type.get_or_insert((field, found));
+            }
+        }
+    }
+}
+
 enum TsValue<'a> {
     Absent,
     Int(i64),
@@ -317,27 +363,144 @@ impl<'de: 'a, 'a> Visitor<'de> for RawEventVisitor<'a> {
     }
 
     fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<RawEvent<'a>, M::Error> {
-        let mut ev = RawEvent {
-            fields: Default::default(),
-            timestamp: TsValue::Absent,
-            wrong_type: None,
-        };
+        let mut ev = RawEvent::new();
         while let Some(key) = map.next_key::<Key<'de>>()? {
             if key.0 == "timestamp" {
                 ev.timestamp = map.next_value::<TsValue<'de>>()?;
             } else if let Some(field) = Field::from_name(&key.0) {
-                match map.next_value::<StrValue<'de>>()? {
-                    StrValue::Str(s) => ev.fields[field.index()] = Some(s),
-                    StrValue::Null => ev.fields[field.index()] = None,
-                    StrValue::Wrong(found) => {
-                        ev.wrong_type.get_or_insert((field, found));
-                    }
-                }
+                let value = map.next_value::<StrValue<'de>>()?;
+                ev.set_field(field, value);
             } else {
                 map.next_value::<IgnoredAny>()?;
             }
         }
         Ok(ev)
+    }
+}
+
+/// The fast path: reads the common shape of an event — one flat object whose
+/// keys and strings have no escapes and whose numbers are integers — in one
+/// pass over bytes validated as UTF-8 once. Returns `None` for anything else
+/// (an escape, a nested value, a fraction or exponent, any syntax error),
+/// which serde_json then reads: what this accepts, serde_json reads to the
+/// same values (tested against it, property by property and by fuzzing), and
+/// nothing it cannot read is ever rejected here.
+fn scan(payload: &[u8]) -> Option<RawEvent<'_>> {
+    let text = std::str::from_utf8(payload).ok()?;
+    let b = text.as_bytes();
+    let mut i = skip_ws(b, 0);
+    if b.get(i) != Some(&b'{') {
+        return None;
+    }
+    i = skip_ws(b, i + 1);
+    let mut ev = RawEvent::new();
+    if b.get(i) == Some(&b'}') {
+        return (skip_ws(b, i + 1) == b.len()).then_some(ev);
+    }
+    loop {
+        let (key, next) = scan_str(text, i)?;
+        i = skip_ws(b, next);
+        if b.get(i) != Some(&b':') {
+            return None;
+        }
+        i = skip_ws(b, i + 1);
+        let (value, next) = scan_value(text, i)?;
+        if key == "timestamp" {
+            ev.timestamp = match value {
+                Any::Str(s) => TsValue::Str(s),
+                Any::Null => TsValue::Absent,
+                Any::Int(n) => TsValue::Int(n),
+                Any::Float(f) => TsValue::Float(f),
+                Any::Other(k) => TsValue::Wrong(k),
+            };
+        } else if let Some(field) = Field::from_name(key) {
+            ev.set_field(
+                field,
+                match value {
+                    Any::Str(s) => StrValue::Str(s),
+                    Any::Null => StrValue::Null,
+                    Any::Int(_) | Any::Float(_) => StrValue::Wrong("a number"),
+                    Any::Other(k) => StrValue::Wrong(k),
+                },
+            );
+        }
+        i = skip_ws(b, next);
+        match b.get(i) {
+            Some(b',') => i = skip_ws(b, i + 1),
+            Some(b'}') => return (skip_ws(b, i + 1) == b.len()).then_some(ev),
+            _ => return None,
+        }
+    }
+}
+
+/// The index of the first byte at or after `i` that is not JSON whitespace.
+fn skip_ws(b: &[u8], mut i: usize) -> usize {
+    while let Some(b' ' | b'\t' | b'\n' | b'\r') = b.get(i) {
+        i += 1;
+    }
+    i
+}
+
+/// A string starting at `i` (its opening quote) without escapes or control
+/// characters, and the index after its closing quote.
+fn scan_str(text: &str, i: usize) -> Option<(&str, usize)> {
+    let b = text.as_bytes();
+    if b.get(i) != Some(&b'"') {
+        return None;
+    }
+    let start = i + 1;
+    let len = memchr::memchr(b'"', &b[start..])?;
+    let j = start + len;
+    // Without early exit, so that it runs over whole vectors.
+    let plain = b[start..j]
+        .iter()
+        .fold(true, |ok, &c| ok & (c != b'\\') & (c >= 0x20));
+    if !plain {
+        return None;
+    }
+    // Both ends are ASCII quotes, so these are character boundaries.
+    Some((&text[start..j], j + 1))
+}
+
+/// A value at `i` that is a string, null, a boolean or an integer within
+/// i64, and the index after it.
+fn scan_value(text: &str, i: usize) -> Option<(Any<'_>, usize)> {
+    let b = text.as_bytes();
+    match *b.get(i)? {
+        b'"' => scan_str(text, i).map(|(s, next)| (Any::Str(Cow::Borrowed(s)), next)),
+        b'n' => b[i..].starts_with(b"null").then_some((Any::Null, i + 4)),
+        b't' => b[i..]
+            .starts_with(b"true")
+            .then_some((Any::Other("a boolean"), i + 4)),
+        b'f' => b[i..]
+            .starts_with(b"false")
+            .then_some((Any::Other("a boolean"), i + 5)),
+        b'-' | b'0'..=b'9' => {
+            let negative = b[i] == b'-';
+            let start = i + usize::from(negative);
+            let mut j = start;
+            let mut n: i64 = 0;
+            while let Some(&d @ b'0'..=b'9') = b.get(j) {
+                // Accumulated negatively so that i64::MIN fits.
+                n = n.checked_mul(10)?.checked_sub(i64::from(d - b'0'))?;
+                j += 1;
+            }
+            let digits = j - start;
+            // No digits, a leading zero, a fraction or an exponent: serde_json decides.
+            if digits == 0
+                || (digits > 1 && b[start] == b'0')
+                || matches!(b.get(j), Some(b'.' | b'e' | b'E'))
+            {
+                return None;
+            }
+            // serde_json reads -0 as a float.
+            if negative && n == 0 {
+                return None;
+            }
+            let n = if negative { n } else { n.checked_neg()? };
+            Some((Any::Int(n), j))
+        }
+        _ => None,
     }
 }
 
@@ -603,5 +766,170 @@ mod tests {
         let ev = parse(br#"{"ip":"1.2.3.4"}"#, &req).unwrap();
         assert_eq!(ev.timestamp_ms, None);
         assert_eq!(ev.get(Field::UserId), None);
+    }
+
+    /// Requirement sets the fast path is compared under.
+    fn all_reqs() -> [Requirements; 3] {
+        [
+            Requirements::default(),
+            req(),
+            Requirements {
+                fields: Field::ALL.to_vec(),
+                timestamp: true,
+                not_after_ms: Some(1_800_000_000_000),
+            },
+        ]
+    }
+
+    fn same_as_serde(payload: &[u8]) {
+        for r in all_reqs() {
+            assert_eq!(
+                parse(payload, &r),
+                parse_with_serde(payload, &r),
+                "{}",
+                String::from_utf8_lossy(payload)
+            );
+        }
+    }
+
+    #[test]
+    fn the_common_shape_takes_the_fast_path_and_reads_as_serde_does() {
+        for json in [
+            r#"{"user_id":"u1","app_version":"2.3.0","device_type":"iOS","ip":"1.2.3.4","locale":"US","device_id":"d-1","timestamp":"1700000000"}"#,
+            r#"{"user_id":"u1","timestamp":1700000000123}"#,
+            " {\t\"user_id\" :\r\n\"u\" , \"ip\":null,\"timestamp\":-1 }\n",
+            r#"{"user_id":"ü","user_id":"last","x":true,"y":false,"z":null,"timestamp":0}"#,
+            r#"{"user_id":"u","ip":12,"ip":"1.2.3.4","timestamp":-9223372036854775808}"#,
+            r#"{"user_id":"u","timestamp":9223372036854775807}"#,
+            r#"{}"#,
+        ] {
+            assert!(scan(json.as_bytes()).is_some(), "{json}");
+            same_as_serde(json.as_bytes());
+        }
+    }
+
+    #[test]
+    fn every_other_shape_is_left_to_serde() {
+        for json in [
+            r#"{"user_id":"a\"b","timestamp":1}"#,
+            r#"{"user\u005fid":"u","timestamp":1}"#,
+            r#"{"user_id":"u","timestamp":1.5}"#,
+            r#"{"user_id":"u","timestamp":1e3}"#,
+            r#"{"user_id":"u","timestamp":-0}"#,
+            r#"{"user_id":"u","timestamp":007}"#,
+            r#"{"user_id":"u","timestamp":9223372036854775808}"#,
+            r#"{"user_id":"u","timestamp":-9223372036854775809}"#,
+            r#"{"user_id":"u","x":[1],"timestamp":1}"#,
+            r#"{"user_id":"u","x":{"a":1},"timestamp":1}"#,
+            "{\"user_id\":\"a\u{1}b\",\"timestamp\":1}",
+            "\u{c}{\"user_id\":\"u\",\"timestamp\":1}",
+            r#"{"user_id":"u","timestamp":1} x"#,
+            r#"{"user_id":"u","timestamp":1,}"#,
+            r#"{"user_id":"u" "timestamp":1}"#,
+            r#"{"user_id":"u","timestamp":nul}"#,
+            r#"{"user_id":"u","timestamp":-}"#,
+            r#"["user_id"]"#,
+            "",
+        ] {
+            assert!(scan(json.as_bytes()).is_none(), "{json}");
+            same_as_serde(json.as_bytes());
+        }
+        let not_utf8 = b"{\"user_id\":\"\xff\",\"timestamp\":1}";
+        assert!(scan(not_utf8).is_none());
+        same_as_serde(not_utf8);
+    }
+
+    #[test]
+    fn generated_events_read_the_same_either_way() {
+        let mut g = crate::generator::Generator::new(crate::generator::GeneratorConfig::new(11));
+        let mut fast = 0;
+        for _ in 0..2000 {
+            let m = g.next_message();
+            fast += usize::from(scan(&m.payload).is_some());
+            same_as_serde(&m.payload);
+        }
+        // Only float timestamps and the malformed messages take the slow path.
+        assert!(fast > 1500, "{fast} of 2000 on the fast path");
+    }
+
+    mod differential {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn key() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just("user_id".to_string()),
+                Just("ip".to_string()),
+                Just("locale".to_string()),
+                Just("timestamp".to_string()),
+                Just("other".to_string()),
+                Just("user\\u005fid".to_string()),
+                "[a-z_\\\\\"é\u{1}]{0,6}",
+            ]
+        }
+
+        fn value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "[a-zA-Z0-9 .:é\\\\\"\u{1}]{0,8}".prop_map(|s| format!("\"{s}\"")),
+                any::<i64>().prop_map(|n| n.to_string()),
+                any::<u64>().prop_map(|n| n.to_string()),
+                (0i64..2_000_000_000_000).prop_map(|n| n.to_string()),
+                (0i64..2_000_000_000).prop_map(|n| format!("\"{n}\"")),
+                Just("-0".to_string()),
+                Just("007".to_string()),
+                Just("1.5e3".to_string()),
+                Just("1700000000.5".to_string()),
+                Just("\"2023-11-14T22:13:20Z\"".to_string()),
+                Just("null".to_string()),
+                Just("true".to_string()),
+                Just("false".to_string()),
+                Just("[1,\"a\"]".to_string()),
+                Just("{\"a\":{}}".to_string()),
+            ]
+        }
+
+        fn ws() -> impl Strategy<Value = String> {
+            "[ \t\n\r\u{c}]{0,2}"
+        }
+
+        fn object() -> impl Strategy<Value = Vec<u8>> {
+            (
+                ws(),
+                prop::collection::vec((key(), ws(), ws(), value(), ws()), 0..8),
+                ws(),
+            )
+                .prop_map(|(lead, members, tail)| {
+                    let body: Vec<String> = members
+                        .into_iter()
+                        .map(|(k, w1, w2, v, w3)| format!("\"{k}\"{w1}:{w2}{v}{w3}"))
+                        .collect();
+                    format!("{lead}{{{}}}{tail}", body.join(",")).into_bytes()
+                })
+        }
+
+        /// An object, sometimes damaged: cut short, or a byte put in.
+        fn payload() -> impl Strategy<Value = Vec<u8>> {
+            (object(), any::<u8>(), any::<prop::sample::Index>(), 0u8..4).prop_map(
+                |(mut p, byte, at, damage)| {
+                    let i = at.index(p.len() + 1);
+                    match damage {
+                        0 => p.truncate(i),
+                        1 => p.insert(i, byte),
+                        _ => {}
+                    }
+                    p
+                },
+            )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(4000))]
+            #[test]
+            fn the_fast_path_never_changes_a_result(p in payload()) {
+                for r in all_reqs() {
+                    prop_assert_eq!(parse(&p, &r), parse_with_serde(&p, &r));
+                }
+            }
+        }
     }
 }

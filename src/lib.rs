@@ -8,7 +8,8 @@
 //! Data meets the components in this order:
 //!
 //! 1. [`source`]: consumes `user-login` with manual offset management, on one
-//!    thread that owns the consumer.
+//!    thread that owns the consumer, taking messages thousands at a time
+//!    ([`fetch`]).
 //! 2. [`event`]: parses each message without needless copies; a message that
 //!    is not a valid event becomes an [`event::InvalidEvent`] with a kind and
 //!    a reason, bound for the dead-letter topic.
@@ -45,6 +46,7 @@ pub mod dashboard;
 pub mod delivery;
 pub mod demo;
 pub mod event;
+pub mod fetch;
 pub mod generator;
 pub mod metrics_log;
 pub mod offsets;

@@ -32,10 +32,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::batch::{Batcher, CloseReason, Coord, Work};
+use crate::batch::{Batch, Batcher, CloseReason, Coord, Work};
 use crate::checkpoint::{self, CheckpointStore, Restore};
 use crate::delivery::Ack;
 use crate::event::{self, Requirements};
+use crate::fetch::{Fetch, FetchQueue, Fetched, Routes};
 use crate::offsets::{self, Ledger, Wait};
 use crate::settings::KafkaSettings;
 use crate::telemetry::{self, Health, LogLimit, Progress};
@@ -82,6 +83,8 @@ pub fn consumer_config(k: &KafkaSettings) -> ClientConfig {
 /// The consumer's context: statistics, errors and rebalances.
 pub struct SourceContext {
     driver: Mutex<Option<Driver>>,
+    /// Where assigned partitions' messages are routed ([`crate::fetch`]).
+    routes: Routes,
     health: Arc<Health>,
     progress: Arc<Progress>,
 }
@@ -122,6 +125,17 @@ impl ClientContext for SourceContext {
 
 impl ConsumerContext for SourceContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            // Before `assign`: librdkafka routes a partition to the consumer
+            // queue when it starts fetching it, unless it is routed already.
+            let routed = self.routes.route(consumer, tpl);
+            if routed < tpl.count() {
+                warn!(
+                    partitions = tpl.count(),
+                    routed, "some assigned partitions are consumed one message at a time"
+                );
+            }
+        }
         if let Rebalance::Revoke(tpl) = rebalance {
             info!(
                 partitions = tpl.count(),
@@ -256,21 +270,51 @@ impl Driver {
         }
     }
 
+    /// A message from a partition consumed through the consumer queue.
     fn on_message(&mut self, m: &BorrowedMessage<'_>, now: Instant) {
-        let (topic, partition, offset) = (m.topic(), m.partition(), m.offset());
+        let fetch = Fetch::new(
+            m.topic(),
+            m.partition(),
+            m.offset(),
+            m.key(),
+            m.payload().unwrap_or_default(),
+        );
+        let mut closed = Vec::new();
+        self.progress.messages.fetch_add(1, Ordering::Relaxed);
+        self.on_record(&fetch, now, &mut closed);
+        self.push_closed(closed);
+    }
+
+    /// One fetch's messages, in order.
+    fn on_fetched(&mut self, fetched: &Fetched<'_>, now: Instant) {
+        let mut closed = Vec::new();
+        let mut messages = 0;
+        for m in fetched.messages() {
+            if let Some(e) = m.error() {
+                telemetry::kafka_error("consumer", &e, "fetch");
+                continue;
+            }
+            messages += 1;
+            self.on_record(m, now, &mut closed);
+        }
+        self.progress
+            .messages
+            .fetch_add(messages, Ordering::Relaxed);
+        self.push_closed(closed);
+    }
+
+    fn on_record(&mut self, m: &Fetch<'_>, now: Instant, closed: &mut Vec<Batch>) {
+        let (topic, partition, offset, payload) = (m.topic, m.partition, m.offset, m.payload);
         let coord = Coord {
             topic,
             partition,
             offset,
         };
-        let payload = m.payload().unwrap_or_default();
-        let mut closed = Vec::new();
-        self.progress.messages.fetch_add(1, Ordering::Relaxed);
         match event::parse(payload, &self.requirements) {
             Ok(ev) => match &mut self.grouping {
-                Grouping::Arrival(b) => b.push_event(coord, &ev, now, &mut closed),
+                Grouping::Arrival(b) => b.push_event(coord, &ev, now, closed),
                 Grouping::Window(w) => {
-                    w.push_event(partition, offset, m.key(), payload, &ev, now);
+                    w.push_event(partition, offset, m.key, payload, &ev, now);
                 }
             },
             Err(err) => {
@@ -286,16 +330,17 @@ impl Driver {
                     );
                 }
                 match &mut self.grouping {
-                    Grouping::Arrival(b) => {
-                        b.push_invalid(coord, m.key(), payload, err, now, &mut closed)
-                    }
+                    Grouping::Arrival(b) => b.push_invalid(coord, m.key, payload, err, now, closed),
                     Grouping::Window(w) => {
-                        w.push_invalid(partition, offset, m.key(), payload, err, now)
+                        w.push_invalid(partition, offset, m.key, payload, err, now)
                     }
                 }
             }
         }
-        // Arrival batches the message closed (window mode hands work over in tick).
+    }
+
+    /// Arrival batches that messages closed (window mode hands work over in tick).
+    fn push_closed(&mut self, closed: Vec<Batch>) {
         for batch in closed {
             self.push_ready(Work::from_arrival(batch));
         }
@@ -668,6 +713,7 @@ pub fn consume(
     driver.health = Some(health.clone());
     let context = SourceContext {
         driver: Mutex::new(Some(driver)),
+        routes: Routes::default(),
         health: health.clone(),
         progress,
     };
@@ -679,14 +725,24 @@ pub fn consume(
         .map_err(|e| format!("cannot subscribe to {}: {e}", k.input_topic))?;
     info!(topic = %k.input_topic, group = %k.group_id, "consuming");
 
-    // One clock read per turn: the loop runs once per message.
+    // Dropped before the consumer (declared after it).
+    let mut fetch = FetchQueue::new(&consumer, &consumer.context().routes);
+    // One clock read per turn.
     let mut timeout = MAX_POLL;
     let mut clock_at = Instant::now();
     if let Some(d) = lock(&consumer).as_mut() {
         d.refresh_clock();
     }
     while !shutdown.is_cancelled() {
-        let polled = consumer.poll(timeout);
+        // Rebalances, errors and commit results, and the messages of any
+        // partition that could not be routed to `fetch`.
+        let polled = consumer.poll(Duration::ZERO);
+        let wait = if polled.is_some() {
+            Duration::ZERO
+        } else {
+            timeout
+        };
+        let fetched = fetch.fetch(wait);
         let now = Instant::now();
         health.beat(now);
         let mut guard = lock(&consumer);
@@ -701,6 +757,10 @@ pub fn consume(
         if let Some(Ok(m)) = polled {
             driver.on_message(&m, now);
         }
+        if !fetched.is_empty() {
+            driver.on_fetched(&fetched, now);
+        }
+        drop(fetched);
         driver.tick(&consumer, now);
         // Already held: offer the work again without waiting, and go on
         // polling. Otherwise wait a little for delivery to take it.
