@@ -23,7 +23,7 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use login_metrics::fetch::{FetchQueue, Routes};
+use login_metrics::fetch::{FetchQueue, Routes, FETCH_MAX};
 use login_metrics::settings::Settings;
 use login_metrics::source::consumer_config;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
@@ -118,7 +118,7 @@ fn run(bootstrap: &str) -> Result<(), String> {
                     eprintln!("consume_ceiling: consumer error (librdkafka retries): {e}");
                 }
             }
-            let fetched = fetch.fetch(Duration::from_millis(100));
+            let fetched = fetch.fetch(Duration::from_millis(100), FETCH_MAX);
             if !fetched.is_empty() {
                 let now = Instant::now();
                 first.get_or_insert(now);

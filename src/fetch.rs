@@ -113,24 +113,20 @@ impl<'c> FetchQueue<'c> {
         }
     }
 
-    /// Takes up to [`FETCH_MAX`] messages, waiting at most `timeout` for
-    /// them (returning sooner only when the batch is full).
-    pub fn fetch(&mut self, timeout: Duration) -> Fetched<'_> {
+    /// Takes up to `max` messages (at most [`FETCH_MAX`]), waiting at most
+    /// `timeout` for them (returning sooner only when the batch is full).
+    pub fn fetch(&mut self, timeout: Duration, max: usize) -> Fetched<'_> {
         self.slots.clear();
+        let max = max.clamp(1, FETCH_MAX);
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
         // SAFETY: the array has room for FETCH_MAX pointers; librdkafka
         // writes `n` of them and hands their ownership to us.
         let n = unsafe {
-            rd::rd_kafka_consume_batch_queue(
-                self.queue.as_ptr(),
-                ms,
-                self.slots.as_mut_ptr(),
-                FETCH_MAX,
-            )
+            rd::rd_kafka_consume_batch_queue(self.queue.as_ptr(), ms, self.slots.as_mut_ptr(), max)
         };
-        // SAFETY: librdkafka initialised the first `n` entries (n <= FETCH_MAX);
-        // -1 (an invalid argument) yields nothing.
-        unsafe { self.slots.set_len(n.clamp(0, FETCH_MAX as isize) as usize) };
+        // SAFETY: librdkafka initialised the first `n` entries (n <= max <=
+        // FETCH_MAX, the capacity); -1 (an invalid argument) yields nothing.
+        unsafe { self.slots.set_len(n.clamp(0, max as isize) as usize) };
         let mut messages = Vec::with_capacity(self.slots.len());
         let mut topic: (*mut rd::rd_kafka_topic_t, &str) = (std::ptr::null_mut(), "");
         for &m in &self.slots {
@@ -285,7 +281,7 @@ mod tests {
             if let Some(Ok(_)) = consumer.poll(Duration::ZERO) {
                 polled += 1;
             }
-            let fetched = fetch.fetch(Duration::from_millis(100));
+            let fetched = fetch.fetch(Duration::from_millis(100), FETCH_MAX);
             largest = largest.max(fetched.len());
             for m in fetched.messages() {
                 assert!(m.error().is_none());

@@ -36,7 +36,7 @@ use crate::batch::{Batch, Batcher, CloseReason, Coord, Work};
 use crate::checkpoint::{self, CheckpointStore, Restore};
 use crate::delivery::Ack;
 use crate::event::{self, Requirements};
-use crate::fetch::{Fetch, FetchQueue, Fetched, Routes};
+use crate::fetch::{Fetch, FetchQueue, Fetched, Routes, FETCH_MAX};
 use crate::offsets::{self, Ledger, Wait};
 use crate::settings::KafkaSettings;
 use crate::telemetry::{self, Health, LogLimit, Progress};
@@ -248,6 +248,15 @@ impl Driver {
             late_seen: 0,
             replayed_seen: 0,
             gauges_at: Instant::now(),
+        }
+    }
+
+    /// How many messages the next fetch may take: in window mode no more
+    /// than fit under `batch.max_buffered`, so alignment pauses in time.
+    fn fetch_max(&self) -> usize {
+        match &self.grouping {
+            Grouping::Arrival(_) => FETCH_MAX,
+            Grouping::Window(w) => w.room().min(FETCH_MAX),
         }
     }
 
@@ -742,7 +751,10 @@ pub fn consume(
         } else {
             timeout
         };
-        let fetched = fetch.fetch(wait);
+        let max = lock(&consumer)
+            .as_ref()
+            .map_or(FETCH_MAX, Driver::fetch_max);
+        let fetched = fetch.fetch(wait, max);
         let now = Instant::now();
         health.beat(now);
         let mut guard = lock(&consumer);

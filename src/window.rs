@@ -257,6 +257,16 @@ impl Windower {
         self.buffered
     }
 
+    /// How many more messages may be read before the open windows could
+    /// hold more than `batch.max_buffered` events (each event is buffered
+    /// once per window it falls in); at least 1. Reading no more than this
+    /// at a time lets alignment pause a partition as soon as the bound is
+    /// passed, as if messages were read one by one.
+    pub fn room(&self) -> usize {
+        let per_event = (self.size_ms + self.hop_ms - 1) / self.hop_ms;
+        (self.cfg.max_buffered.saturating_sub(self.buffered) / per_event.max(1) as usize).max(1)
+    }
+
     /// Late events seen since start.
     pub fn late_total(&self) -> u64 {
         self.late_total
