@@ -43,7 +43,7 @@ impl<'a> Encoded<'a> {
                 None => NULL_CODE,
                 Some(v) => {
                     let hash = hasher.hash_one(v);
-                    match index.find(hash, |&c| values[c as usize] == v) {
+                    match index.find(hash, |&c| same(values[c as usize], v)) {
                         Some(&c) => c,
                         None => {
                             let c = values.len() as u32;
@@ -64,6 +64,36 @@ impl<'a> Encoded<'a> {
 
     fn decode(&self, code: u32) -> Option<&'a str> {
         (code != NULL_CODE).then(|| self.values[code as usize])
+    }
+}
+
+/// String equality without a call to `memcmp` for the short values events
+/// carry: a hit in the dictionary is compared once per row, and the call
+/// costs more than comparing a few words.
+#[inline]
+fn same(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let n = a.len();
+    let word = |s: &[u8], i: usize| u64::from_le_bytes(s[i..i + 8].try_into().expect("8 bytes"));
+    let half = |s: &[u8], i: usize| u32::from_le_bytes(s[i..i + 4].try_into().expect("4 bytes"));
+    match n {
+        0..=3 => a == b,
+        4..=7 => half(a, 0) == half(b, 0) && half(a, n - 4) == half(b, n - 4),
+        8..=64 => {
+            // Whole words, then the last word (overlapping the one before).
+            let mut i = 0;
+            while i + 8 <= n {
+                if word(a, i) != word(b, i) {
+                    return false;
+                }
+                i += 8;
+            }
+            word(a, n - 8) == word(b, n - 8)
+        }
+        _ => a == b,
     }
 }
 
@@ -158,6 +188,9 @@ enum Keys {
     /// One exact u64 per row: the fields' codes as digits of a mixed-radix
     /// number (radix = distinct values + 1, the last digit value for null).
     Packed(Vec<u64>),
+    /// The same, when every key fits in 32 bits: Polars groups 32-bit keys
+    /// about twice as fast when there are few groups.
+    Packed32(Vec<u32>),
     /// One nullable u32 code column per field, when the packed key would not
     /// fit in 64 bits.
     PerField,
@@ -166,26 +199,37 @@ enum Keys {
 fn keys(cols: &[&Encoded], n: usize, max_key: u64) -> Keys {
     let radices: Vec<u64> = cols.iter().map(|c| c.distinct() as u64 + 1).collect();
     let span = radices.iter().try_fold(1u64, |acc, r| acc.checked_mul(*r));
-    if span.is_none_or(|s| s - 1 > max_key) {
-        return Keys::PerField;
-    }
-    let mut keys = vec![0u64; n];
-    for (col, &radix) in cols.iter().zip(&radices) {
-        let null_digit = radix - 1;
-        for (k, &code) in keys.iter_mut().zip(&col.codes) {
-            let digit = if code == NULL_CODE {
-                null_digit
-            } else {
-                code as u64
-            };
-            *k = *k * radix + digit;
+    match span {
+        Some(s) if s - 1 <= max_key.min(u64::from(u32::MAX)) => {
+            Keys::Packed32(pack(cols, &radices, n, |k| k as u32))
         }
+        Some(s) if s - 1 <= max_key => Keys::Packed(pack(cols, &radices, n, |k| k)),
+        _ => Keys::PerField,
     }
-    Keys::Packed(keys)
 }
 
-/// Groups and counts by code in Polars, keeps the duplicate groups, decodes
-/// only those to strings, and has Polars order them by count, then values.
+/// The packed key of every row, narrowed by `narrow` (exact: the caller
+/// checked that every key fits).
+fn pack<K: Copy>(cols: &[&Encoded], radices: &[u64], n: usize, narrow: fn(u64) -> K) -> Vec<K> {
+    (0..n)
+        .map(|row| {
+            let key = cols.iter().zip(radices).fold(0u64, |k, (col, &radix)| {
+                let code = col.codes[row];
+                let digit = if code == NULL_CODE {
+                    radix - 1
+                } else {
+                    u64::from(code)
+                };
+                k * radix + digit
+            });
+            narrow(key)
+        })
+        .collect()
+}
+
+/// Groups and counts by code in Polars, keeps the duplicate groups and, of
+/// those, the ones that can be among the first `top` by count; decodes only
+/// those to strings, and has Polars order them by count, then values.
 /// `max_key` bounds the packed key (tests lower it to exercise the fallback).
 fn analyze_slice(
     cols: &[&Encoded],
@@ -194,12 +238,15 @@ fn analyze_slice(
     top: usize,
     max_key: u64,
 ) -> PolarsResult<SliceReport> {
-    let (grouped, key_names) = match keys(cols, n, max_key) {
-        Keys::Packed(keys) => {
-            let df = DataFrame::new(n, vec![Column::new("key".into(), keys)])?;
-            let g = df.lazy().group_by([col("key")]).agg([len().alias(COUNT)]);
-            (g, vec!["key".to_string()])
-        }
+    let (frame, key_names) = match keys(cols, n, max_key) {
+        Keys::Packed32(keys) => (
+            DataFrame::new(n, vec![Column::new("key".into(), keys)])?,
+            vec!["key".to_string()],
+        ),
+        Keys::Packed(keys) => (
+            DataFrame::new(n, vec![Column::new("key".into(), keys)])?,
+            vec!["key".to_string()],
+        ),
         Keys::PerField => {
             let names: Vec<String> = (0..cols.len()).map(|i| format!("code{i}")).collect();
             let code_cols = cols
@@ -210,21 +257,38 @@ fn analyze_slice(
                     UInt32Chunked::from_iter_options(name.as_str().into(), codes).into_column()
                 })
                 .collect();
-            let df = DataFrame::new(n, code_cols)?;
-            let by: Vec<Expr> = names.iter().map(|k| col(k.as_str())).collect();
-            (df.lazy().group_by(by).agg([len().alias(COUNT)]), names)
+            (DataFrame::new(n, code_cols)?, names)
         }
     };
-    let grouped = grouped.collect()?;
+    let by: Vec<Expr> = key_names.iter().map(|k| col(k.as_str())).collect();
+    let grouped = frame
+        .lazy()
+        .group_by(by)
+        .agg([len().alias(COUNT)])
+        .collect()?;
     let groups = grouped.height() as u64;
-    let dups = grouped.lazy().filter(col(COUNT).gt_eq(lit(2))).collect()?;
+    // Eager from here on: the frames are small, and a lazy query's planning
+    // would cost more than the work.
+    let counts = grouped.column(COUNT)?.as_materialized_series();
+    let dups = grouped.filter(&counts.gt_eq(2)?)?;
     let duplicate_groups = dups.height() as u64;
+    // Only groups counted at least as often as the `top`-th largest count can
+    // be shown; the rest need neither decoding nor ordering by value.
+    let dups = if dups.height() > top && top > 0 {
+        let counts = dups.column(COUNT)?.as_materialized_series();
+        let sorted = counts.sort(SortOptions::default().with_order_descending(true))?;
+        let threshold = sorted.get(top - 1)?;
+        dups.filter(&counts.gt_eq(threshold.extract::<IdxSize>().unwrap_or(0))?)?
+    } else {
+        dups
+    };
 
-    // Decode the duplicate groups' keys into their field values.
+    // Decode the shown candidates' keys into their field values.
     let mut values: Vec<Vec<Option<&str>>> = vec![Vec::with_capacity(dups.height()); cols.len()];
     if key_names.len() == 1 && key_names[0] == "key" {
         let radices: Vec<u64> = cols.iter().map(|c| c.distinct() as u64 + 1).collect();
-        for key in dups.column("key")?.u64()?.into_no_null_iter() {
+        let keys = dups.column("key")?.cast(&DataType::UInt64)?;
+        for key in keys.u64()?.into_no_null_iter() {
             let mut rest = key;
             for (i, (col, &radix)) in cols.iter().zip(&radices).enumerate().rev() {
                 let digit = rest % radix;
@@ -252,21 +316,19 @@ fn analyze_slice(
         })
         .collect();
     frame.push(dups.column(COUNT)?.clone());
-    let order: Vec<Expr> = std::iter::once(col(COUNT))
-        .chain(slice.iter().map(|f| col(f.name())))
+    let by: Vec<String> = std::iter::once(COUNT.to_string())
+        .chain(slice.iter().map(|f| f.name().to_string()))
         .collect();
     let mut descending = vec![true];
     descending.extend(std::iter::repeat_n(false, slice.len()));
-    let shown = DataFrame::new(dups.height(), frame)?
-        .lazy()
-        .sort_by_exprs(
-            order,
-            SortMultipleOptions::default()
-                .with_order_descending_multi(descending)
-                .with_nulls_last(true),
-        )
-        .limit(top as IdxSize)
-        .collect()?;
+    let shown = DataFrame::new(dups.height(), frame)?.sort(
+        by,
+        SortMultipleOptions::default()
+            .with_order_descending_multi(descending)
+            .with_nulls_last(true)
+            .with_maintain_order(false),
+    )?;
+    let shown = shown.head(Some(top));
 
     let counts = shown.column(COUNT)?.cast(&DataType::UInt64)?;
     let counts = counts.u64()?;
@@ -380,6 +442,21 @@ mod tests {
         assert_eq!(packed, per_field);
         assert_eq!((packed.groups, packed.duplicate_groups), (4, 3));
         assert_eq!(packed.duplicates[2].values, vec![None, None]);
+    }
+
+    #[test]
+    fn dictionary_equality_sees_a_difference_in_any_byte_of_any_length() {
+        for n in 0..=80usize {
+            let a = "x".repeat(n);
+            assert!(same(&a, &a.clone()), "length {n}");
+            for i in 0..n {
+                let mut b = a.clone().into_bytes();
+                b[i] = b'y';
+                let b = String::from_utf8(b).unwrap();
+                assert!(!same(&a, &b), "length {n}, byte {i} differs");
+            }
+            assert!(!same(&a, &format!("{a}x")), "lengths {n} and {}", n + 1);
+        }
     }
 
     #[test]

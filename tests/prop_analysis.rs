@@ -11,10 +11,14 @@ use login_metrics::event::{Field, LoginEvent, FIELD_COUNT};
 use proptest::prelude::*;
 
 /// Values drawn from tiny pools so that duplicates are common; None is null.
+/// Some share a long prefix and differ only at the end, in lengths from 5 to
+/// 72 bytes, so equal-length values that differ in any word are compared.
 fn field_value() -> impl Strategy<Value = Option<String>> {
     prop_oneof![
         1 => Just(None),
         6 => "[a-c]{0,2}".prop_map(Some),
+        3 => (proptest::sample::select(vec![3usize, 6, 7, 14, 34, 70]), "[a-c]{2}")
+            .prop_map(|(pad, end)| Some(format!("{}{end}", "p".repeat(pad)))),
     ]
 }
 
