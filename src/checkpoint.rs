@@ -43,6 +43,10 @@ use crate::telemetry::{self, KafkaContext};
 /// The record format's name, in every value.
 pub const FORMAT: &str = "login-metrics/checkpoint/1";
 
+/// One wait for a checkpoint's acknowledgement: short, because a commit
+/// waits on it (a poll returns only once its time has passed).
+const ACK_WAIT: Duration = Duration::from_millis(1);
+
 /// A partition's position: the offset to read next and the state needed to
 /// judge the messages from there on as the original run did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -230,12 +234,32 @@ impl CheckpointStore {
                 }
             }
         }
-        self.producer
-            .flush(self.timeout)
-            .map_err(|e| format!("checkpoints not acknowledged: {e}"))?;
+        self.wait_acknowledged()?;
         match self.context_failure().take() {
             Some(e) => Err(format!("checkpoint not delivered: {e}")),
             None => Ok(()),
+        }
+    }
+
+    /// Waits until every checkpoint sent is acknowledged (or failed), serving
+    /// delivery reports as they come. `Producer::flush` would serve them in
+    /// polls that each last until their full 100 ms have passed, so every
+    /// commit would wait that long whatever the broker's latency.
+    fn wait_acknowledged(&self) -> Result<(), String> {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            // Delivery reports waiting, then the messages still out.
+            self.producer.poll(Duration::ZERO);
+            if self.producer.in_flight_count() == 0 {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "checkpoints not acknowledged within {:?}",
+                    self.timeout
+                ));
+            }
+            self.producer.poll(ACK_WAIT);
         }
     }
 

@@ -236,21 +236,23 @@ impl Ledger {
     /// Takes what delivery has acknowledged (waiting as `wait` says), then
     /// stores the checkpoints and commits. A failed commit is retried at a
     /// later call, no sooner than [`RETRY_AFTER`] unless waiting; while the
-    /// stream flows, commits are at least [`COMMIT_INTERVAL`] apart.
-    pub fn settle<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, wait: Wait) {
+    /// stream flows (`flowing`: the last fetch brought messages), commits are
+    /// at least [`COMMIT_INTERVAL`] apart. Once it stops, what was delivered
+    /// is committed at once: nothing would share the round trip anyway.
+    pub fn settle<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        wait: Wait,
+        flowing: bool,
+    ) {
+        let waiting = !matches!(wait, Wait::No);
         self.take_acks(wait);
         // Work delivered before a failure is still committed: acks arrive in order.
-        let waiting = !matches!(wait, Wait::No);
-        if self.pending.is_empty()
-            || (!waiting
-                && [self.retry_at, self.next_commit]
-                    .iter()
-                    .flatten()
-                    .any(|t| Instant::now() < *t))
-        {
+        let now = Instant::now();
+        if !self.commit_due(now, waiting, flowing) {
             return;
         }
-        self.next_commit = Some(Instant::now() + COMMIT_INTERVAL);
+        self.next_commit = Some(now + COMMIT_INTERVAL);
         if self.store_and_commit(consumer) {
             self.progress
                 .committed_messages
@@ -262,6 +264,19 @@ impl Ledger {
         } else {
             self.retry_at = Some(Instant::now() + RETRY_AFTER);
         }
+    }
+
+    /// Whether `pending` is to be committed now (see [`Ledger::settle`]).
+    fn commit_due(&self, now: Instant, waiting: bool, flowing: bool) -> bool {
+        if self.pending.is_empty() {
+            return false;
+        }
+        if waiting {
+            return true;
+        }
+        let backing_off = self.retry_at.is_some_and(|t| now < t);
+        let spaced = flowing && self.next_commit.is_some_and(|t| now < t);
+        !backing_off && !spaced
     }
 
     /// Takes delivery's acknowledgements into `pending`, waiting as `wait`
@@ -417,6 +432,30 @@ mod tests {
         ledger.take_acks(Wait::Until(Instant::now() + Duration::from_millis(50)));
         assert_eq!(ledger.pending, vec![point(0, 3)]);
         assert_eq!(ledger.in_flight(), 1, "the second is still in flight");
+    }
+
+    #[test]
+    fn commits_are_spaced_while_the_stream_flows_and_made_at_once_when_it_stops() {
+        let (_tx, rx) = std_mpsc::channel();
+        let mut ledger = Ledger::new(rx, Arc::new(Progress::default()), None);
+        let now = Instant::now();
+        assert!(!ledger.commit_due(now, false, false), "nothing to commit");
+        ledger.pending = vec![point(0, 3)];
+        assert!(ledger.commit_due(now, false, true), "no commit yet");
+        ledger.next_commit = Some(now + COMMIT_INTERVAL);
+        assert!(!ledger.commit_due(now, false, true), "spaced while flowing");
+        assert!(
+            ledger.commit_due(now, false, false),
+            "at once when the stream stopped"
+        );
+        assert!(ledger.commit_due(now, true, true), "at once when waiting");
+        assert!(ledger.commit_due(now + COMMIT_INTERVAL, false, true));
+        ledger.retry_at = Some(now + RETRY_AFTER);
+        assert!(
+            !ledger.commit_due(now, false, false),
+            "a failed commit backs off even when the stream stopped"
+        );
+        assert!(ledger.commit_due(now, true, true), "unless waiting");
     }
 
     #[test]

@@ -50,6 +50,8 @@ const CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(10);
 const GAUGE_INTERVAL: Duration = Duration::from_millis(250);
 /// How often the consumer offers held work again while delivery is behind.
 const HELD_RETRY: Duration = Duration::from_millis(20);
+/// The longest wait for messages while delivered work may be waiting for its commit.
+const ACK_POLL: Duration = Duration::from_millis(10);
 /// The longest single wait of shutdown or a revocation between heartbeats.
 const WAIT_SLICE: Duration = Duration::from_secs(1);
 /// How long the consumer waits for delivery to take closed work before it
@@ -546,7 +548,8 @@ impl Driver {
         }
         while self.ledger.failure().is_none() {
             self.beat();
-            self.ledger.settle(consumer, Wait::Until(slice(until)));
+            self.ledger
+                .settle(consumer, Wait::Until(slice(until)), false);
             if self.ledger.in_flight() == 0 || passed(until) {
                 break;
             }
@@ -746,6 +749,7 @@ pub fn consume(
         // Rebalances, errors and commit results, and the messages of any
         // partition that could not be routed to `fetch`.
         let polled = consumer.poll(Duration::ZERO);
+        let mut flowing = polled.is_some();
         let wait = if polled.is_some() {
             Duration::ZERO
         } else {
@@ -755,6 +759,7 @@ pub fn consume(
             .as_ref()
             .map_or(FETCH_MAX, Driver::fetch_max);
         let fetched = fetch.fetch(wait, max);
+        flowing |= !fetched.is_empty();
         let now = Instant::now();
         health.beat(now);
         let mut guard = lock(&consumer);
@@ -779,7 +784,7 @@ pub fn consume(
         let wait = (!driver.held).then(|| now + HOLD_AFTER);
         driver.dispatch(wait);
         driver.hold(&consumer);
-        driver.ledger.settle(&consumer, Wait::No);
+        driver.ledger.settle(&consumer, Wait::No, flowing);
         if let Some(reason) = driver.ledger.failure() {
             error!(reason = %reason, "stopping: work could not be delivered and is not committed");
             break;
@@ -787,6 +792,12 @@ pub fn consume(
         timeout = driver.poll_timeout(now);
         if driver.held {
             timeout = timeout.min(HELD_RETRY);
+        }
+        if driver.ledger.in_flight() > 0 {
+            // Acknowledgements arrive on a channel the fetch cannot wait on:
+            // look again soon, so a quiet stream commits its last work
+            // promptly.
+            timeout = timeout.min(ACK_POLL);
         }
     }
 
