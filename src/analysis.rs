@@ -149,17 +149,30 @@ pub fn analyze(
     slices: &[Vec<Field>],
     top: usize,
 ) -> PolarsResult<Vec<SliceReport>> {
-    analyze_with_key_limit(columns, slices, top, u64::MAX)
+    analyze_with(columns, slices, top, KeyPlan::Narrowest)
 }
 
-/// [`analyze`] with packed keys limited to `max_key`; 0 forces one code
-/// column per field. For tests that cover both grouping paths.
+/// How [`analyze_with`] keys the rows of a slice for grouping; [`analyze`]
+/// uses [`KeyPlan::Narrowest`]. The others are for tests that cover every
+/// grouping path.
 #[doc(hidden)]
-pub fn analyze_with_key_limit(
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyPlan {
+    /// A 32-bit packed key where it fits, else 64-bit, else one code column per field.
+    Narrowest,
+    /// A 64-bit packed key where it fits, else one code column per field.
+    Packed64,
+    /// One code column per field.
+    PerField,
+}
+
+/// [`analyze`] with the rows keyed as `plan` says.
+#[doc(hidden)]
+pub fn analyze_with(
     columns: &Columns,
     slices: &[Vec<Field>],
     top: usize,
-    max_key: u64,
+    plan: KeyPlan,
 ) -> PolarsResult<Vec<SliceReport>> {
     let encoded = encode_all(columns, slices);
     let run = |slice: &Vec<Field>| {
@@ -171,7 +184,7 @@ pub fn analyze_with_key_limit(
                     .expect("used fields are encoded")
             })
             .collect();
-        analyze_slice(&cols, columns.len(), slice, top, max_key)
+        analyze_slice(&cols, columns.len(), slice, top, plan)
     };
     let half = slices.len().div_ceil(2);
     let (first, second) = slices.split_at(half);
@@ -196,14 +209,20 @@ enum Keys {
     PerField,
 }
 
-fn keys(cols: &[&Encoded], n: usize, max_key: u64) -> Keys {
+fn keys(cols: &[&Encoded], n: usize, plan: KeyPlan) -> Keys {
     let radices: Vec<u64> = cols.iter().map(|c| c.distinct() as u64 + 1).collect();
-    let span = radices.iter().try_fold(1u64, |acc, r| acc.checked_mul(*r));
-    match span {
-        Some(s) if s - 1 <= max_key.min(u64::from(u32::MAX)) => {
+    // The largest packed key, when it fits in 64 bits.
+    let max_key = radices
+        .iter()
+        .try_fold(1u64, |acc, r| acc.checked_mul(*r))
+        .map(|span| span - 1);
+    match (plan, max_key) {
+        (KeyPlan::Narrowest, Some(k)) if k <= u64::from(u32::MAX) => {
             Keys::Packed32(pack(cols, &radices, n, |k| k as u32))
         }
-        Some(s) if s - 1 <= max_key => Keys::Packed(pack(cols, &radices, n, |k| k)),
+        (KeyPlan::Narrowest | KeyPlan::Packed64, Some(_)) => {
+            Keys::Packed(pack(cols, &radices, n, |k| k))
+        }
         _ => Keys::PerField,
     }
 }
@@ -230,15 +249,15 @@ fn pack<K: Copy>(cols: &[&Encoded], radices: &[u64], n: usize, narrow: fn(u64) -
 /// Groups and counts by code in Polars, keeps the duplicate groups and, of
 /// those, the ones that can be among the first `top` by count; decodes only
 /// those to strings, and has Polars order them by count, then values.
-/// `max_key` bounds the packed key (tests lower it to exercise the fallback).
+/// `plan` chooses the key (see [`KeyPlan`]).
 fn analyze_slice(
     cols: &[&Encoded],
     n: usize,
     slice: &[Field],
     top: usize,
-    max_key: u64,
+    plan: KeyPlan,
 ) -> PolarsResult<SliceReport> {
-    let (frame, key_names) = match keys(cols, n, max_key) {
+    let (frame, key_names) = match keys(cols, n, plan) {
         Keys::Packed32(keys) => (
             DataFrame::new(n, vec![Column::new("key".into(), keys)])?,
             vec!["key".to_string()],
@@ -420,7 +439,7 @@ mod tests {
     }
 
     #[test]
-    fn per_field_codes_give_the_same_report_as_packed_keys() {
+    fn every_key_plan_gives_the_same_report() {
         let events = vec![
             ev(Some("b"), Some("1")),
             ev(Some("a"), None),
@@ -433,15 +452,12 @@ mod tests {
         let cols = Columns::from_events(&events);
         let slice = [Field::UserId, Field::Ip];
         let slices = [slice.to_vec()];
-        let packed = analyze_with_key_limit(&cols, &slices, 10, u64::MAX)
-            .unwrap()
-            .remove(0);
-        let per_field = analyze_with_key_limit(&cols, &slices, 10, 0)
-            .unwrap()
-            .remove(0);
-        assert_eq!(packed, per_field);
-        assert_eq!((packed.groups, packed.duplicate_groups), (4, 3));
-        assert_eq!(packed.duplicates[2].values, vec![None, None]);
+        let report = |plan| analyze_with(&cols, &slices, 10, plan).unwrap().remove(0);
+        let narrowest = report(KeyPlan::Narrowest);
+        assert_eq!(narrowest, report(KeyPlan::Packed64));
+        assert_eq!(narrowest, report(KeyPlan::PerField));
+        assert_eq!((narrowest.groups, narrowest.duplicate_groups), (4, 3));
+        assert_eq!(narrowest.duplicates[2].values, vec![None, None]);
     }
 
     #[test]

@@ -5,7 +5,7 @@ mod common;
 
 use std::borrow::Cow;
 
-use login_metrics::analysis::{analyze, analyze_with_key_limit};
+use login_metrics::analysis::{analyze, analyze_with, KeyPlan};
 use login_metrics::batch::Columns;
 use login_metrics::event::{Field, LoginEvent, FIELD_COUNT};
 use proptest::prelude::*;
@@ -51,8 +51,10 @@ proptest! {
             .collect();
         let columns = Columns::from_events(&events);
         let reports = analyze(&columns, &slices, top).unwrap();
-        // The fallback grouping (one code column per field) must agree too.
-        prop_assert_eq!(&analyze_with_key_limit(&columns, &slices, top, 0).unwrap(), &reports);
+        // The other groupings (64-bit keys, one code column per field) must agree too.
+        for plan in [KeyPlan::Packed64, KeyPlan::PerField] {
+            prop_assert_eq!(&analyze_with(&columns, &slices, top, plan).unwrap(), &reports);
+        }
         for (slice, report) in slices.iter().zip(&reports) {
             let (groups, dup_groups, mut rows_expected) =
                 common::naive_report(rows.iter().map(|r| slice.iter().map(|f| r[f.index()].clone()).collect()));
