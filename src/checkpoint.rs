@@ -43,9 +43,11 @@ use crate::telemetry::{self, KafkaContext};
 /// The record format's name, in every value.
 pub const FORMAT: &str = "login-metrics/checkpoint/1";
 
-/// One wait for a checkpoint's acknowledgement: short, because a commit
-/// waits on it (a poll returns only once its time has passed).
-const ACK_WAIT: Duration = Duration::from_millis(1);
+/// The first and the longest pause between two looks for a checkpoint's
+/// acknowledgement: a commit waits on it, and the broker usually answers
+/// within milliseconds; the pause doubles up to the longest while it does not.
+const ACK_WAIT_FIRST: Duration = Duration::from_micros(100);
+const ACK_WAIT_MAX: Duration = Duration::from_millis(10);
 
 /// A partition's position: the offset to read next and the state needed to
 /// judge the messages from there on as the original run did.
@@ -244,12 +246,17 @@ impl CheckpointStore {
     /// Waits until every checkpoint sent is acknowledged (or failed), serving
     /// delivery reports as they come. `Producer::flush` would serve them in
     /// polls that each last until their full 100 ms have passed, so every
-    /// commit would wait that long whatever the broker's latency.
+    /// commit would wait that long whatever the broker's latency; a poll
+    /// with a shorter timeout spins through its last millisecond. So: look
+    /// without waiting, and sleep between looks.
     fn wait_acknowledged(&self) -> Result<(), String> {
         let deadline = Instant::now() + self.timeout;
+        let mut pause = ACK_WAIT_FIRST;
         loop {
-            // Delivery reports waiting, then the messages still out.
-            self.producer.poll(Duration::ZERO);
+            // Serves the delivery reports that arrived (their callback
+            // records failures). A message stays counted in flight until its
+            // report is served, so 0 means every report was.
+            while self.producer.in_flight_count() > 0 && self.serve_one_report() {}
             if self.producer.in_flight_count() == 0 {
                 return Ok(());
             }
@@ -259,8 +266,17 @@ impl CheckpointStore {
                     self.timeout
                 ));
             }
-            self.producer.poll(ACK_WAIT);
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(ACK_WAIT_MAX);
         }
+    }
+
+    /// Serves at most one waiting event without blocking; whether the count
+    /// in flight went down.
+    fn serve_one_report(&self) -> bool {
+        let before = self.producer.in_flight_count();
+        self.producer.poll(Duration::ZERO);
+        self.producer.in_flight_count() < before
     }
 
     fn context_failure(&self) -> std::sync::MutexGuard<'_, Option<String>> {

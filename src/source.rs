@@ -52,6 +52,10 @@ const GAUGE_INTERVAL: Duration = Duration::from_millis(250);
 const HELD_RETRY: Duration = Duration::from_millis(20);
 /// The longest wait for messages while delivered work may be waiting for its commit.
 const ACK_POLL: Duration = Duration::from_millis(10);
+/// How long no message may arrive before the stream counts as stopped, and
+/// delivered work is committed without waiting for the commit interval
+/// (a moment between two fetch responses is not a stop).
+const QUIET_AFTER: Duration = Duration::from_millis(50);
 /// The longest single wait of shutdown or a revocation between heartbeats.
 const WAIT_SLICE: Duration = Duration::from_secs(1);
 /// How long the consumer waits for delivery to take closed work before it
@@ -742,6 +746,7 @@ pub fn consume(
     // One clock read per turn.
     let mut timeout = MAX_POLL;
     let mut clock_at = Instant::now();
+    let mut last_arrival = clock_at;
     if let Some(d) = lock(&consumer).as_mut() {
         d.refresh_clock();
     }
@@ -749,7 +754,7 @@ pub fn consume(
         // Rebalances, errors and commit results, and the messages of any
         // partition that could not be routed to `fetch`.
         let polled = consumer.poll(Duration::ZERO);
-        let mut flowing = polled.is_some();
+        let mut arrived = matches!(polled, Some(Ok(_)));
         let wait = if polled.is_some() {
             Duration::ZERO
         } else {
@@ -759,7 +764,7 @@ pub fn consume(
             .as_ref()
             .map_or(FETCH_MAX, Driver::fetch_max);
         let fetched = fetch.fetch(wait, max);
-        flowing |= !fetched.is_empty();
+        arrived |= !fetched.is_empty();
         let now = Instant::now();
         health.beat(now);
         let mut guard = lock(&consumer);
@@ -784,6 +789,12 @@ pub fn consume(
         let wait = (!driver.held).then(|| now + HOLD_AFTER);
         driver.dispatch(wait);
         driver.hold(&consumer);
+        if arrived {
+            last_arrival = now;
+        }
+        // Held for delivery, the stream still flows: what delivery takes
+        // meanwhile is committed in the usual intervals.
+        let flowing = driver.held || now.duration_since(last_arrival) < QUIET_AFTER;
         driver.ledger.settle(&consumer, Wait::No, flowing);
         if let Some(reason) = driver.ledger.failure() {
             error!(reason = %reason, "stopping: work could not be delivered and is not committed");
@@ -793,7 +804,7 @@ pub fn consume(
         if driver.held {
             timeout = timeout.min(HELD_RETRY);
         }
-        if driver.ledger.in_flight() > 0 {
+        if driver.ledger.in_flight() > 0 || driver.ledger.uncommitted() {
             // Acknowledgements arrive on a channel the fetch cannot wait on:
             // look again soon, so a quiet stream commits its last work
             // promptly.
