@@ -23,27 +23,10 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use login_metrics::fetch::{FetchQueue, Routes, FETCH_MAX};
+use login_metrics::fetch::{FetchQueue, RoutingContext, FETCH_MAX};
 use login_metrics::settings::Settings;
 use login_metrics::source::consumer_config;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
-use rdkafka::ClientContext;
-
-/// Routes assigned partitions to the fetch queue, as the service's context does.
-#[derive(Default)]
-struct Ceiling {
-    routes: Routes,
-}
-
-impl ClientContext for Ceiling {}
-
-impl ConsumerContext for Ceiling {
-    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(tpl) = rebalance {
-            self.routes.route(consumer, tpl);
-        }
-    }
-}
+use rdkafka::consumer::{BaseConsumer, Consumer};
 
 fn main() -> ExitCode {
     let Ok(bootstrap) = std::env::var("CONSUME_CEILING_BOOTSTRAP") else {
@@ -98,8 +81,8 @@ fn run(bootstrap: &str) -> Result<(), String> {
             ))
         }
     };
-    let consumer: BaseConsumer<Ceiling> = consumer_config(k)
-        .create_with_context(Ceiling::default())
+    let consumer: BaseConsumer<RoutingContext> = consumer_config(k)
+        .create_with_context(RoutingContext::default())
         .map_err(|e| format!("cannot create the consumer: {e}"))?;
     consumer
         .subscribe(&[&k.input_topic])

@@ -235,30 +235,36 @@ impl<'a> Fetch<'a> {
     }
 }
 
+/// A consumer context that only routes assigned partitions to the fetch
+/// queue, as the service's context does: for a bare consumer that reads with
+/// [`FetchQueue`] (the consume-only ceiling, tests).
+#[derive(Default)]
+pub struct RoutingContext {
+    pub routes: Routes,
+}
+
+impl rdkafka::ClientContext for RoutingContext {}
+
+impl ConsumerContext for RoutingContext {
+    fn pre_rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        rebalance: &rdkafka::consumer::Rebalance<'_>,
+    ) {
+        if let rdkafka::consumer::Rebalance::Assign(tpl) = rebalance {
+            self.routes.route(consumer, tpl);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use rdkafka::config::ClientConfig;
-    use rdkafka::consumer::Rebalance;
     use rdkafka::mocking::MockCluster;
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-    use rdkafka::ClientContext;
 
-    /// Routes on assignment, as the service's context does.
-    #[derive(Default)]
-    struct Ctx {
-        routes: Routes,
-    }
-
-    impl ClientContext for Ctx {}
-
-    impl ConsumerContext for Ctx {
-        fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-            if let Rebalance::Assign(tpl) = rebalance {
-                self.routes.route(consumer, tpl);
-            }
-        }
-    }
+    type Ctx = RoutingContext;
 
     /// How many turns (of at most 100 ms) a read may take before the test
     /// fails: a lost route leaves the messages unread, never misread.
