@@ -2,7 +2,7 @@
 //! consumer settings (group join, fetch sizes, `kafka.consumer` overrides from
 //! the configuration layers) that reads every message of a preloaded topic and
 //! only touches its payload length — in bulk, the way the service fetches
-//! ([`login_metrics::fetch`]), or one message per `poll`. `scripts/bench-e2e` runs it next to
+//! ([`login_metrics::source::fetch`]), or one message per `poll`. `scripts/bench-e2e` runs it next to
 //! `login-metrics run` against the same topic; what the service reaches is
 //! measured against it.
 //!
@@ -23,9 +23,9 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use login_metrics::fetch::{FetchQueue, RoutingContext, FETCH_MAX};
+use login_metrics::kafka;
 use login_metrics::settings::Settings;
-use login_metrics::source::consumer_config;
+use login_metrics::source::fetch::{FetchQueue, RoutingContext, FETCH_MAX};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
 fn main() -> ExitCode {
@@ -81,7 +81,7 @@ fn run(bootstrap: &str) -> Result<(), String> {
             ))
         }
     };
-    let consumer: BaseConsumer<RoutingContext> = consumer_config(k)
+    let consumer: BaseConsumer<RoutingContext> = kafka::consumer(k)
         .create_with_context(RoutingContext::default())
         .map_err(|e| format!("cannot create the consumer: {e}"))?;
     consumer

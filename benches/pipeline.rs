@@ -9,14 +9,15 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use login_metrics::analysis::analyze;
-use login_metrics::batch::{Batch, Batcher, CloseReason, Columns, Coord, Limits};
-use login_metrics::event::{parse, parse_with_serde, Field, Requirements};
-use login_metrics::generator::{Generator, GeneratorConfig};
-use login_metrics::packet;
-use login_metrics::privacy::Pseudonymizer;
+use login_metrics::commands::generator::{Generator, GeneratorConfig};
+use login_metrics::core::analysis::analyze;
+use login_metrics::core::event::{parse, parse_with_serde, Field, Requirements};
+use login_metrics::core::grouping::arrival::{Batcher, Limits};
+use login_metrics::core::grouping::window::{LatePolicy, WindowConfig, Windower};
+use login_metrics::core::packet;
+use login_metrics::core::privacy::Pseudonymizer;
 use login_metrics::settings::Settings;
-use login_metrics::window::{LatePolicy, WindowConfig, Windower};
+use login_metrics::work::{Batch, CloseReason, Columns, Coord};
 use login_metrics::Pipeline;
 
 fn payloads(n: usize, seed: u64) -> Vec<Vec<u8>> {
@@ -237,9 +238,9 @@ fn bench_pipeline(c: &mut Criterion) {
                     // unlike a broker, never returns a record batch larger than the
                     // consumer's max.partition.fetch.bytes, so uncompressed 2 MB
                     // batches would stall it.
-                    let producer_cfg = login_metrics::sink::producer_config(&s.kafka);
+                    let producer_cfg = login_metrics::kafka::producer(&s.kafka);
                     let mut generator = Generator::new(GeneratorConfig::new(5));
-                    login_metrics::demo::produce_generated(
+                    login_metrics::commands::generate::produce_generated(
                         &producer_cfg,
                         "user-login",
                         &mut generator,

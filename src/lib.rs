@@ -1,37 +1,38 @@
 //! # login-metrics
 //!
-//! A Kafka stream processor that reports, batch by batch, which combinations
-//! of login attributes repeat: the same user from the same IP, the same user
-//! on the same device, the same app version in the same locale, and any other
-//! slice configured.
+//! A Kafka stream processor that reports, window by window, which
+//! combinations of login attributes repeat: the same user from the same IP,
+//! the same user on the same device, the same app version in the same
+//! locale, and any other slice configured.
 //!
-//! Data meets the components in this order:
+//! The folders follow the data, in the order it meets them:
 //!
-//! 1. [`source`]: consumes `user-login` with manual offset management, on one
-//!    thread that owns the consumer, taking messages thousands at a time
-//!    ([`fetch`]).
-//! 2. [`event`]: parses each message without needless copies; a message that
-//!    is not a valid event becomes an [`event::InvalidEvent`] with a kind and
-//!    a reason, bound for the dead-letter topic.
-//! 3. [`window`] (the default, `batch.mode = "window"`): groups valid events
-//!    into event-time windows closed by watermark, so the same input gives the
-//!    same packets whatever the timing; [`batch`] (`"arrival"`): batches of
-//!    whatever arrived together, closed by count, span or wait. Both hand
-//!    [`batch::Work`] to delivery.
-//! 4. [`delivery`]: runs [`analysis`] (a Polars DataFrame, duplicate groups
-//!    per slice), builds each [`packet`] (`docs/packet.schema.json`,
-//!    pseudonymized through [`privacy`]), publishes packets and dead letters
-//!    through [`sink`] (idempotent, acks=all, gzip) and appends packets to the
-//!    [`metrics_log`].
-//! 5. [`offsets`]: commits each work's offsets, in order, only after all of the
-//!    above succeeded; in window mode after storing the partitions'
-//!    [`checkpoint`]s. Nothing is lost; a replay carries the same packet ids.
+//! 1. [`source`]: the thread that owns the consumer of `user-login`, with
+//!    manual offset management, taking messages thousands at a time from
+//!    per-partition queues ([`source::fetch`]) and handling rebalances.
+//! 2. [`core`], the pure, synchronous core (no Kafka, tokio or HTTP type):
+//!    [`core::event`] parses each message (an invalid one becomes a dead
+//!    letter with a kind and a reason); [`core::grouping`] groups valid
+//!    events into event-time windows closed by watermark (the default) or
+//!    arrival batches, behind one interface; [`core::analysis`] counts
+//!    duplicate groups per slice with Polars; [`core::packet`] builds each
+//!    packet (`docs/packet.schema.json`), pseudonymized through
+//!    [`core::privacy`].
+//! 3. [`sink`]: the delivery stage runs the analysis off the async workers,
+//!    publishes packets and dead letters ([`sink::publisher`]: idempotent,
+//!    acks=all, gzip) and appends packets to the metrics log
+//!    ([`sink::metrics_log`]).
+//! 4. [`commit`]: the ledger commits each work's offsets, in order, only
+//!    after all of the above succeeded; in window mode after storing the
+//!    partitions' checkpoints. Nothing is lost; a replay carries the same
+//!    packet ids.
 //!
-//! [`pipeline`] is the thin async shell that wires these together;
-//! [`settings`] loads the layered configuration, [`telemetry`] serves
-//! metrics and health, [`dashboard`] the live page of recent packets beside
-//! them, [`tail`] reads the metrics log back for people, [`generator`] and
-//! [`demo`] make realistic test data.
+//! Below the stages: [`work`], the units that cross them; [`settings`], the
+//! layered configuration; [`kafka`], every librdkafka client configuration;
+//! [`telemetry`], metrics, counters and health. Above them: [`pipeline`],
+//! the thin async shell that wires the stages together; [`web`], the
+//! metrics, health and dashboard listener; [`commands`], one module per
+//! subcommand of the binary.
 //!
 //! Errors are classed where they arise: an invalid message is *skipped* (to
 //! the dead-letter topic, counted, logged); a failed delivery or commit is
@@ -39,26 +40,19 @@
 //! *stops* the process with a non-zero exit and nothing of the failed batch
 //! committed.
 
-pub mod analysis;
-pub mod batch;
-pub mod checkpoint;
-pub mod dashboard;
-pub mod delivery;
-pub mod demo;
-pub mod event;
-pub mod fetch;
-pub mod generator;
-pub mod metrics_log;
-pub mod offsets;
-pub mod packet;
-pub mod pipeline;
-pub mod privacy;
 pub mod settings;
+pub mod telemetry;
+pub mod work;
+
+pub mod commit;
+pub mod core;
 pub mod sink;
 pub mod source;
-pub mod tail;
-pub mod telemetry;
-pub mod window;
 
-pub use pipeline::{run, Pipeline, Progress, RunSummary};
+pub mod commands;
+pub mod kafka;
+pub mod pipeline;
+pub mod web;
+
+pub use pipeline::{Pipeline, Progress, RunSummary};
 pub use settings::Settings;

@@ -21,19 +21,21 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::batch::{Batcher, Limits, Work};
-use crate::checkpoint::{self, CheckpointStore};
-use crate::delivery::{Ack, Delivery, PacketHook};
-use crate::event::{ErrorKind, Requirements};
-use crate::metrics_log::MetricsLog;
-use crate::packet::{Identity, Packet};
-use crate::privacy::Pseudonymizer;
+use crate::commit::checkpoint::{self, CheckpointStore};
+use crate::core::event::{ErrorKind, Requirements};
+use crate::core::grouping::arrival::Limits;
+use crate::core::grouping::window::{LatePolicy, WindowConfig, Windower};
+use crate::core::grouping::{Arrival, Grouping};
+use crate::core::packet::{Identity, Packet};
+use crate::core::privacy::Pseudonymizer;
 use crate::settings::{BatchMode, LateSetting, Settings};
-use crate::sink::{self, Publisher};
-use crate::source::{self, Bounds, Driver, Grouping};
+use crate::sink::delivery::{Ack, Delivery, PacketHook};
+use crate::sink::metrics_log::MetricsLog;
+use crate::sink::publisher::{self as sink, Publisher};
+use crate::source::consumer::{self as source, Bounds, Driver};
 pub use crate::telemetry::Progress;
 use crate::telemetry::{Health, LogLimit};
-use crate::window::{LatePolicy, WindowConfig, Windower};
+use crate::work::Work;
 
 /// What a finished run did.
 #[derive(Debug, Clone)]
@@ -88,11 +90,6 @@ pub struct Pipeline {
     log_progress: bool,
 }
 
-/// Runs the pipeline until `shutdown` is cancelled.
-pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<RunSummary> {
-    Pipeline::new(settings).run(shutdown).await
-}
-
 impl Pipeline {
     pub fn new(settings: Settings) -> Pipeline {
         Pipeline {
@@ -141,6 +138,8 @@ impl Pipeline {
         self
     }
 
+    /// Runs the pipeline until `shutdown` is cancelled or work cannot be
+    /// delivered: the entry point of `run`, `demo`, the tests and the benches.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<RunSummary> {
         let started = Instant::now();
         let s = self.settings.clone();
@@ -158,20 +157,15 @@ impl Pipeline {
         let privacy = if s.privacy.pseudonymize.is_empty() {
             Pseudonymizer::disabled()
         } else {
-            Pseudonymizer::new(&s.privacy.key, &s.privacy.pseudonymize)
+            Pseudonymizer::new(s.privacy.key.expose().as_bytes(), &s.privacy.pseudonymize)
         };
 
         let checkpoints = match s.batch.mode {
             BatchMode::Window => {
-                checkpoint::ensure_topic(&s.kafka, sink::producer_config(&s.kafka), &shutdown)
-                    .await?;
+                checkpoint::ensure_topic(&s.kafka, &shutdown).await?;
                 Some(
-                    CheckpointStore::new(
-                        &s.kafka,
-                        sink::producer_config(&s.kafka),
-                        source::consumer_config(&s.kafka),
-                    )
-                    .context("cannot create the checkpoint producer")?,
+                    CheckpointStore::new(&s.kafka)
+                        .context("cannot create the checkpoint producer")?,
                 )
             }
             BatchMode::Arrival => None,
@@ -181,11 +175,12 @@ impl Pipeline {
         // this one, and waits rather than piling up work in memory.
         let (work_tx, work_rx) = mpsc::channel::<Work>(1);
         let (ack_tx, ack_rx) = std_mpsc::channel::<Ack>();
+        let (fields, timestamp) = s.events.required();
         let driver = Driver::new(
             grouping(&s),
             Requirements {
-                fields: s.events.required.clone(),
-                timestamp: s.events.timestamp_required,
+                fields,
+                timestamp,
                 not_after_ms: None,
             },
             Bounds {
@@ -285,15 +280,15 @@ async fn log_progress(progress: Arc<Progress>, every: Duration, stop: Cancellati
 }
 
 /// The grouping of the configured mode.
-fn grouping(s: &Settings) -> Grouping {
+fn grouping(s: &Settings) -> Box<dyn Grouping> {
     let b = &s.batch;
     match b.mode {
-        BatchMode::Arrival => Grouping::Arrival(Batcher::new(Limits {
+        BatchMode::Arrival => Box::new(Arrival::new(Limits {
             max_events: b.max_events,
             max_span: b.max_span,
             max_wait: b.max_wait,
         })),
-        BatchMode::Window => Grouping::Window(Windower::new(
+        BatchMode::Window => Box::new(Windower::new(
             WindowConfig {
                 size: b.max_span,
                 hop: b.hop.unwrap_or(b.max_span),

@@ -1,33 +1,46 @@
-//! Layered, validated configuration.
+//! Layered, validated configuration, deserialized into typed sections.
 //!
 //! Three layers, last wins: the defaults embedded from `config/default.toml`,
 //! the file given with `--config`, and environment variables
-//! `LOGIN_METRICS__SECTION__KEY`. The embedded defaults list every accepted key,
-//! so they double as the schema: a key that is not in them (outside the
-//! pass-through tables `kafka.consumer` and `kafka.producer`) is rejected.
+//! `LOGIN_METRICS__SECTION__KEY`. The `config` crate reads each layer and
+//! merges them; serde turns the merged tree into [`Settings`], whose sections
+//! deny unknown keys; [`Settings::validate`] then checks what spans keys.
 //!
-//! Loading never stops at the first problem: every problem is collected with
-//! the dotted path of its key, so an operator fixes a configuration in one go.
+//! Each layer is normalised on its own before the merge: librdkafka property
+//! names are written with dots in files and with underscores in variables, so
+//! both become the dotted form and the later layer always wins. Variables are
+//! strings; each is read as the type of its default (a number, or a list as
+//! JSON or comma-separated), so the defaults double as the schema.
+//!
+//! Loading never stops at the first problem: a key that does not deserialize
+//! is reported with its path and put back to its default, an unknown key is
+//! reported and dropped, and deserialization runs again, so an operator fixes
+//! a configuration in one go.
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use serde::Serialize;
+use config::{Map, Source, Value as CValue, ValueKind};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_path_to_error::Segment;
 
-use crate::event::Field;
+use crate::core::event::Field;
 
-/// The embedded defaults; also the list of accepted keys.
+/// The embedded defaults; also the list of accepted keys and their types.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
 /// Prefix of the environment variables that override configuration keys.
 pub const ENV_PREFIX: &str = "LOGIN_METRICS";
 
-/// The effective configuration of one process.
-#[derive(Debug, Clone, Serialize)]
+/// The effective configuration of one process. Each key is documented in
+/// `config/default.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Settings {
     pub kafka: KafkaSettings,
     pub batch: BatchSettings,
@@ -39,8 +52,8 @@ pub struct Settings {
     pub privacy: PrivacySettings,
 }
 
-/// `Debug` redacts secret librdkafka properties (see [`is_secret_property`]).
-#[derive(Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct KafkaSettings {
     pub bootstrap_servers: String,
     pub group_id: String,
@@ -48,206 +61,251 @@ pub struct KafkaSettings {
     pub output_topic: String,
     /// Empty: invalid messages are counted and logged but not forwarded.
     pub dlq_topic: String,
-    /// Window mode: where each partition's checkpoint is stored before its commit.
     pub checkpoint_topic: String,
-    pub auto_offset_reset: String,
-    pub compression: String,
-    #[serde(with = "human_duration")]
+    pub auto_offset_reset: OffsetReset,
+    pub compression: Compression,
+    #[serde(with = "humantime_serde")]
     pub delivery_timeout: Duration,
     pub delivery_attempts: u32,
-    /// librdkafka consumer properties, keys normalised to dotted form.
-    pub consumer: BTreeMap<String, String>,
-    /// librdkafka producer properties, keys normalised to dotted form.
-    pub producer: BTreeMap<String, String>,
+    /// librdkafka properties of every client, security above all.
+    pub client: Properties,
+    /// librdkafka properties of the consumer, over `client`.
+    pub consumer: Properties,
+    /// librdkafka properties of the producer, over `client`.
+    pub producer: Properties,
 }
 
-/// How events are grouped into packets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BatchMode {
-    /// Event-time windows closed by watermark: the same input gives the same packets.
-    Window,
-    /// Whatever arrived together, closed by count, span or wait.
-    Arrival,
+/// An enum setting, written in lowercase.
+macro_rules! choice {
+    ($(#[$doc:meta])* $name:ident { $($variant:ident),+ }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+        #[serde(rename_all = "lowercase")]
+        pub enum $name { $($variant),+ }
+    };
 }
 
-/// The fate of late events in window mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LateSetting {
-    Dlq,
-    Drop,
-}
+choice!(OffsetReset { Earliest, Latest });
+// zstd needs librdkafka built with libzstd, which this build is not.
+choice!(Compression {
+    None,
+    Gzip,
+    Snappy,
+    Lz4
+});
+choice!(
+    /// Event-time windows closed by watermark (the same input gives the same
+    /// packets), or whatever arrived together, closed by count, span or wait.
+    BatchMode { Window, Arrival }
+);
+choice!(LateSetting { Dlq, Drop });
+choice!(LogFormat { Text, Json });
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct BatchSettings {
     pub mode: BatchMode,
     pub max_events: usize,
-    #[serde(with = "human_duration")]
+    #[serde(with = "humantime_serde")]
     pub max_span: Duration,
-    #[serde(with = "human_duration")]
+    #[serde(with = "humantime_serde")]
     pub max_wait: Duration,
     /// Window mode: distance between window starts; `None` for tumbling windows.
-    #[serde(with = "human_duration_opt")]
+    #[serde(with = "optional_duration")]
     pub hop: Option<Duration>,
-    #[serde(with = "human_duration")]
+    #[serde(with = "humantime_serde")]
     pub grace: Duration,
-    #[serde(with = "human_duration")]
+    #[serde(with = "humantime_serde")]
     pub idle: Duration,
     pub late: LateSetting,
     pub max_buffered: usize,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AnalysisSettings {
     pub slices: Vec<Vec<Field>>,
     pub top: usize,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct EventSettings {
-    /// Event fields that must be present and non-null.
-    pub required: Vec<Field>,
-    /// Whether the timestamp is required (it is listed in `events.required`).
-    pub timestamp_required: bool,
-    /// Timestamps further than this ahead of the wall clock are `bad_timestamp`.
+    /// Event fields that must be present and non-null, and `"timestamp"`.
+    pub required: Vec<String>,
+    #[serde(with = "humantime_serde")]
     pub max_future: Duration,
 }
 
-impl Serialize for EventSettings {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeStruct;
-        let mut names: Vec<&str> = self.required.iter().map(|f| f.name()).collect();
-        if self.timestamp_required {
-            names.push("timestamp");
-        }
-        let mut st = s.serialize_struct("EventSettings", 2)?;
-        st.serialize_field("required", &names)?;
-        st.serialize_field(
-            "max_future",
-            &humantime::format_duration(self.max_future).to_string(),
-        )?;
-        st.end()
+impl EventSettings {
+    /// The required event fields, and whether the timestamp is required.
+    pub fn required(&self) -> (Vec<Field>, bool) {
+        let fields = self.required.iter().filter_map(|n| Field::from_name(n));
+        (
+            fields.collect(),
+            self.required.iter().any(|n| n == "timestamp"),
+        )
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MetricsLogSettings {
     /// `None` when the metrics log is disabled.
+    #[serde(with = "optional")]
     pub path: Option<PathBuf>,
     pub max_bytes: u64,
     pub keep: usize,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LogSettings {
     pub format: LogFormat,
     pub level: String,
 }
 
-#[derive(Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TelemetrySettings {
     /// `None` when the HTTP listener is disabled.
-    pub listen: Option<std::net::SocketAddr>,
-    #[serde(with = "human_duration")]
+    #[serde(with = "optional")]
+    pub listen: Option<SocketAddr>,
+    #[serde(with = "humantime_serde")]
     pub progress_interval: Duration,
-    /// Bearer token the dashboard (`/`, `/api/*`) requires; empty leaves it
-    /// open. A secret: redacted wherever settings are printed.
-    #[serde(serialize_with = "redact_str")]
-    pub token: String,
+    /// Bearer token the dashboard (`/`, `/api/*`) requires; empty leaves it open.
+    pub token: Secret,
 }
 
-impl fmt::Debug for TelemetrySettings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TelemetrySettings")
-            .field("listen", &self.listen)
-            .field("progress_interval", &self.progress_interval)
-            .field("token", &if self.token.is_empty() { "" } else { REDACTED })
-            .finish()
-    }
-}
-
-#[derive(Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PrivacySettings {
     pub pseudonymize: Vec<Field>,
-    /// The HMAC key, loaded from `privacy.key` or `privacy.key_file`.
-    #[serde(serialize_with = "redact_bytes")]
-    pub key: Vec<u8>,
+    /// The HMAC key: `privacy.key`, or else the contents of `privacy.key_file`.
+    pub key: Secret,
+    #[serde(with = "optional")]
     pub key_file: Option<PathBuf>,
-}
-
-impl fmt::Debug for PrivacySettings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PrivacySettings")
-            .field("pseudonymize", &self.pseudonymize)
-            .field("key", &if self.key.is_empty() { "" } else { REDACTED })
-            .field("key_file", &self.key_file)
-            .finish()
-    }
-}
-
-impl std::fmt::Debug for KafkaSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let redact = |m: &BTreeMap<String, String>| -> BTreeMap<String, String> {
-            m.iter()
-                .map(|(k, v)| {
-                    let v = if is_secret_property(k) {
-                        REDACTED
-                    } else {
-                        v.as_str()
-                    };
-                    (k.clone(), v.to_string())
-                })
-                .collect()
-        };
-        f.debug_struct("KafkaSettings")
-            .field("bootstrap_servers", &self.bootstrap_servers)
-            .field("group_id", &self.group_id)
-            .field("input_topic", &self.input_topic)
-            .field("output_topic", &self.output_topic)
-            .field("dlq_topic", &self.dlq_topic)
-            .field("checkpoint_topic", &self.checkpoint_topic)
-            .field("auto_offset_reset", &self.auto_offset_reset)
-            .field("compression", &self.compression)
-            .field("delivery_timeout", &self.delivery_timeout)
-            .field("delivery_attempts", &self.delivery_attempts)
-            .field("consumer", &redact(&self.consumer))
-            .field("producer", &redact(&self.producer))
-            .finish()
-    }
 }
 
 const REDACTED: &str = "<redacted>";
 
-fn redact_bytes<S: serde::Serializer>(key: &[u8], s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(if key.is_empty() { "" } else { REDACTED })
-}
-
-fn redact_str<S: serde::Serializer>(secret: &str, s: S) -> Result<S::Ok, S::Error> {
-    redact_bytes(secret.as_bytes(), s)
-}
-
-mod human_duration {
-    use std::time::Duration;
-    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&humantime::format_duration(*d).to_string())
+/// How a secret is shown: `<redacted>`, or nothing when it is empty.
+fn redact(value: &str) -> &str {
+    if value.is_empty() {
+        ""
+    } else {
+        REDACTED
     }
 }
 
-mod human_duration_opt {
-    use std::time::Duration;
-    pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-        match d {
-            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+/// A value that is never shown: `Debug` and `Serialize` print it redacted,
+/// as they do the secret librdkafka properties of [`Properties`].
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    /// The value itself, for the one place that uses it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(redact(&self.0))
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(redact(&self.0))
+    }
+}
+
+/// A table of librdkafka properties, keys in dotted form. Values of
+/// properties whose names mark them as secrets are shown redacted.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Properties(BTreeMap<String, String>);
+
+impl Properties {
+    /// Every property as it may be shown.
+    fn shown(&self) -> impl Iterator<Item = (&String, &str)> {
+        self.0.iter().map(|(k, v)| {
+            let secret = ["password", "secret", "key.pem", "token"]
+                .iter()
+                .any(|s| k.contains(s));
+            (k, if secret { redact(v) } else { v.as_str() })
+        })
+    }
+}
+
+impl std::ops::Deref for Properties {
+    type Target = BTreeMap<String, String>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Properties {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.shown()).finish()
+    }
+}
+
+impl Serialize for Properties {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.shown())
+    }
+}
+
+/// An optional value written as a string; empty means none.
+mod optional {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use std::{fmt::Display, str::FromStr};
+
+    pub fn serialize<T: Serialize, S: Serializer>(v: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => v.serialize(s),
             None => s.serialize_str(""),
         }
+    }
+
+    pub fn deserialize<'de, T: FromStr, D: Deserializer<'de>>(d: D) -> Result<Option<T>, D::Error>
+    where
+        T::Err: Display,
+    {
+        match String::deserialize(d)?.trim() {
+            "" => Ok(None),
+            s => s
+                .parse()
+                .map(Some)
+                .map_err(|e| serde::de::Error::custom(format!("`{s}` is not valid here: {e}"))),
+        }
+    }
+}
+
+/// An optional duration ("500ms", "10s"); empty means none.
+mod optional_duration {
+    use serde::{Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(v: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&v.map_or(String::new(), |d| humantime::format_duration(d).to_string()))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let v: Option<humantime::Duration> = super::optional::deserialize(d)?;
+        Ok(v.map(Into::into))
     }
 }
 
@@ -266,11 +324,12 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid configuration ({} problem", self.problems.len())?;
-        if self.problems.len() != 1 {
-            write!(f, "s")?;
-        }
-        write!(f, "):")?;
+        let n = self.problems.len();
+        write!(
+            f,
+            "invalid configuration ({n} problem{}):",
+            if n == 1 { "" } else { "s" }
+        )?;
         for p in &self.problems {
             write!(f, "\n  - {}: {}", p.key, p.message)?;
         }
@@ -279,32 +338,33 @@ impl fmt::Display for ConfigError {
 }
 
 impl ConfigError {
-    fn single(key: &str, message: impl Into<String>) -> Self {
-        ConfigError {
-            problems: vec![Problem {
-                key: key.to_string(),
-                message: message.into(),
-            }],
+    /// Records a problem, once per key (the first one found is the cause).
+    fn add(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        let key = key.into();
+        if !self.problems.iter().any(|p| p.key == key) {
+            let message = message.into();
+            self.problems.push(Problem { key, message });
         }
     }
 }
 
-/// Where the layer between the defaults and the environment comes from.
-enum FileLayer<'a> {
-    /// The file given with `--config`.
-    Path(&'a Path),
-    /// TOML text in memory.
-    Text(&'a str),
-}
-
-/// The largest integer setting: the largest TOML integer.
+/// The largest integer setting: the largest TOML integer, so that the
+/// printed configuration loads again.
 const MAX_INT: u64 = i64::MAX as u64;
 
 /// The most rotated metrics log files kept.
 const MAX_KEEP: u64 = 1000;
 
-/// Tables whose keys are librdkafka properties, passed through unchecked.
-const PASS_THROUGH: [&str; 2] = ["kafka.consumer", "kafka.producer"];
+/// Properties the at-least-once contract rests on, which the service sets itself.
+const RESERVED: [(&str, &[&str]); 2] = [
+    (
+        "consumer",
+        &["enable.auto.commit", "enable.auto.offset.store", "group.id"],
+    ),
+    ("producer", &["enable.idempotence", "acks"]),
+];
+
+const BRACKETED_KEY: &str = "unknown key (no key holds `[` or `]`)";
 
 impl Settings {
     /// Loads defaults, then `file`, then the process environment.
@@ -317,7 +377,19 @@ impl Settings {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Settings, ConfigError> {
-        Self::load_layers(file.map(FileLayer::Path), env)
+        if let Some(path) = file.filter(|p| !p.is_file()) {
+            let mut e = ConfigError { problems: vec![] };
+            e.add(
+                "--config",
+                format!("{} is not a readable file", path.display()),
+            );
+            return Err(e);
+        }
+        let file = file.map(|p| config::File::from(p).format(config::FileFormat::Toml));
+        Self::load_layers(
+            file.map(|f| (Box::new(f) as Box<dyn Source>, "--config")),
+            env,
+        )
     }
 
     /// As [`Settings::load_with_env`], with the `--config` layer given as TOML
@@ -327,820 +399,460 @@ impl Settings {
         text: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Settings, ConfigError> {
-        Self::load_layers(Some(FileLayer::Text(text)), env)
+        let file = config::File::from_str(text, config::FileFormat::Toml);
+        Self::load_layers(Some((Box::new(file), "the configuration text")), env)
     }
 
     fn load_layers(
-        file: Option<FileLayer<'_>>,
+        file: Option<(Box<dyn Source>, &str)>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Settings, ConfigError> {
-        let defaults = defaults();
-        let (merged, mut problems) = Self::layers(defaults, file, env)?;
-        match Self::from_tree(&merged, defaults) {
-            Ok(s) if problems.is_empty() => Ok(s),
-            Ok(_) => Err(ConfigError { problems }),
-            Err(mut e) => {
-                problems.append(&mut e.problems);
-                Err(ConfigError { problems })
-            }
+        let mut errors = ConfigError { problems: vec![] };
+        let mut tree = merged(file, env, &mut errors).map_err(|e| {
+            let mut errors = ConfigError { problems: vec![] };
+            errors.add("--config", e.to_string());
+            errors
+        })?;
+        coerce(&mut tree, defaults());
+        let mut settings = deserialize(tree, &mut errors);
+        settings.validate(&mut errors);
+        settings.read_key_file(&mut errors);
+        match errors.problems.is_empty() {
+            true => Ok(settings),
+            false => Err(errors),
         }
     }
 
-    /// The merged key tree of the defaults, `file` and the environment, and
-    /// the problems found in single layers.
-    fn layers(
-        defaults: &Value,
-        file: Option<FileLayer<'_>>,
-        env: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<(Value, Vec<Problem>), ConfigError> {
-        // Each layer is read on its own and its librdkafka property names are
-        // normalised before the layers merge, so the later layer always wins
-        // whichever way it spells a property (`compression.level` in a file,
-        // `..._COMPRESSION_LEVEL` in the environment).
-        let mut problems = Vec::new();
-        let mut merged = defaults.clone();
-        normalise_properties(&mut merged, "config/default.toml", &mut problems);
-        if let Some(file) = file {
-            let (layer, name) = match file {
-                FileLayer::Path(path) => {
-                    if !path.is_file() {
-                        return Err(ConfigError::single(
-                            "--config",
-                            format!("{} is not a readable file", path.display()),
-                        ));
-                    }
-                    if let Ok(text) = std::fs::read_to_string(path) {
-                        refuse_bracketed_keys(&text)?;
-                    }
-                    let layer = tree(config::Config::builder().add_source(
-                        config::File::from(path.to_path_buf()).format(config::FileFormat::Toml),
-                    ));
-                    (layer, path.display().to_string())
-                }
-                FileLayer::Text(text) => {
-                    refuse_bracketed_keys(text)?;
-                    let layer = tree(
-                        config::Config::builder()
-                            .add_source(config::File::from_str(text, config::FileFormat::Toml)),
-                    );
-                    (layer, "the configuration text".to_string())
-                }
-            };
-            let mut layer = layer.map_err(|e| ConfigError::single("--config", e))?;
-            normalise_properties(&mut layer, &name, &mut problems);
-            merge(&mut merged, layer);
-        }
-        let prefix = format!("{ENV_PREFIX}__");
-        let mut vars = config::Map::new();
-        for (k, v) in env {
-            if !k.starts_with(&prefix) {
-                continue;
-            }
-            if k.contains(['[', ']']) {
-                problems.push(Problem {
-                    key: k,
-                    message: BRACKETED_KEY.to_string(),
-                });
-                continue;
-            }
-            vars.insert(k, v);
-        }
-        let mut layer = tree(
-            config::Config::builder().add_source(
-                config::Environment::with_prefix(ENV_PREFIX)
-                    .prefix_separator("__")
-                    .separator("__")
-                    .source(Some(vars)),
-            ),
-        )
-        .map_err(|e| ConfigError::single("--config", e))?;
-        normalise_properties(&mut layer, "the environment", &mut problems);
-        merge(&mut merged, layer);
-        Ok((merged, problems))
-    }
-
-    /// Validates a merged key tree against the defaults' key tree.
-    fn from_tree(root: &Value, defaults: &Value) -> Result<Settings, ConfigError> {
-        let mut r = Reader {
-            root,
-            problems: Vec::new(),
-        };
-        unknown_keys(root, defaults, "", &mut r.problems);
-
-        let kafka = KafkaSettings {
-            bootstrap_servers: r.non_empty("kafka.bootstrap_servers"),
-            group_id: r.non_empty("kafka.group_id"),
-            input_topic: r.non_empty("kafka.input_topic"),
-            output_topic: r.non_empty("kafka.output_topic"),
-            dlq_topic: r.string("kafka.dlq_topic"),
-            checkpoint_topic: r.non_empty("kafka.checkpoint_topic"),
-            auto_offset_reset: r.one_of("kafka.auto_offset_reset", &["earliest", "latest"]),
-            // zstd needs librdkafka built with libzstd, which this build is not.
-            compression: r.one_of("kafka.compression", &["none", "gzip", "snappy", "lz4"]),
-            delivery_timeout: r.duration("kafka.delivery_timeout", Duration::from_millis(1)),
-            delivery_attempts: r.int_in("kafka.delivery_attempts", 1, u32::MAX.into()) as u32,
-            consumer: r.properties(
-                "kafka.consumer",
-                &[
-                    "enable.auto.commit",
-                    "enable.auto.offset.store",
-                    "group.id",
-                    "bootstrap.servers",
-                ],
-            ),
-            producer: r.properties(
-                "kafka.producer",
-                &["enable.idempotence", "acks", "bootstrap.servers"],
-            ),
-        };
-        // One topic in two roles would feed the service its own output.
-        let input = kafka.input_topic.clone();
-        for (key, topic) in [
-            ("kafka.output_topic", &kafka.output_topic),
-            ("kafka.dlq_topic", &kafka.dlq_topic),
-            ("kafka.checkpoint_topic", &kafka.checkpoint_topic),
-        ] {
-            if !input.is_empty() && *topic == input {
-                r.problem(
-                    key,
-                    format!("must differ from kafka.input_topic (`{input}`)"),
-                );
-            }
-        }
-        for (key, topic) in [
-            ("kafka.dlq_topic", &kafka.dlq_topic),
-            ("kafka.checkpoint_topic", &kafka.checkpoint_topic),
-        ] {
-            if !topic.is_empty() && *topic == kafka.output_topic && topic != &input {
-                r.problem(
-                    key,
-                    format!("must differ from kafka.output_topic (`{topic}`)"),
-                );
-            }
-        }
-        if !kafka.checkpoint_topic.is_empty()
-            && kafka.checkpoint_topic == kafka.dlq_topic
-            && kafka.checkpoint_topic != input
+    /// The checks that span keys or need more than a type.
+    fn validate(&self, e: &mut ConfigError) {
+        let (k, b) = (&self.kafka, &self.batch);
+        let topics = [
+            ("kafka.input_topic", &k.input_topic),
+            ("kafka.output_topic", &k.output_topic),
+            ("kafka.dlq_topic", &k.dlq_topic),
+            ("kafka.checkpoint_topic", &k.checkpoint_topic),
+        ];
+        let named = [
+            ("kafka.bootstrap_servers", &k.bootstrap_servers),
+            ("kafka.group_id", &k.group_id),
+        ];
+        for (key, value) in named
+            .iter()
+            .chain(&topics)
+            .filter(|(key, _)| *key != "kafka.dlq_topic")
         {
-            r.problem(
-                "kafka.checkpoint_topic",
-                format!("must differ from kafka.dlq_topic (`{}`)", kafka.dlq_topic),
-            );
+            if value.trim().is_empty() {
+                e.add(*key, "must not be empty");
+            }
         }
-        let mode = match r.one_of("batch.mode", &["window", "arrival"]).as_str() {
-            "arrival" => BatchMode::Arrival,
-            _ => BatchMode::Window,
+        // One topic in two roles would feed the service its own output.
+        for (i, (key, topic)) in topics.iter().enumerate() {
+            if let Some((other, _)) = topics[..i]
+                .iter()
+                .find(|(_, t)| !topic.is_empty() && t == topic)
+            {
+                e.add(*key, format!("must differ from {other} (`{topic}`)"));
+            }
+        }
+        let tables = [
+            ("client", &k.client),
+            ("consumer", &k.consumer),
+            ("producer", &k.producer),
+        ];
+        for (table, props) in tables {
+            for (name, value) in props.iter() {
+                let key = format!("kafka.{table}.{name}");
+                let reserved = RESERVED.iter().any(|(t, names)| {
+                    (table == *t || table == "client") && names.contains(&name.as_str())
+                });
+                if reserved || name == "bootstrap.servers" {
+                    e.add(
+                        key,
+                        "is set by login-metrics itself and cannot be overridden",
+                    );
+                } else if name == "partition.assignment.strategy" && value.contains("cooperative") {
+                    // A revocation gives up all the partitions' state at once;
+                    // incremental rebalancing would keep some partitions without it.
+                    e.add(key, "cooperative (incremental) rebalancing is not supported; use range or roundrobin");
+                }
+            }
+        }
+        let ms = Duration::from_millis(1);
+        let window = b.mode == BatchMode::Window;
+        for (key, value) in [
+            ("kafka.delivery_timeout", k.delivery_timeout),
+            ("batch.max_wait", b.max_wait),
+            ("batch.idle", b.idle),
+            ("batch.hop", b.hop.unwrap_or(ms)),
+            ("batch.max_span", if window { b.max_span } else { ms }),
+            (
+                "telemetry.progress_interval",
+                self.telemetry.progress_interval,
+            ),
+        ] {
+            if value < ms {
+                e.add(key, "must be at least 1ms");
+            }
+        }
+        for (key, value, min, max) in [
+            (
+                "kafka.delivery_attempts",
+                u64::from(k.delivery_attempts),
+                1,
+                MAX_INT,
+            ),
+            ("batch.max_events", b.max_events as u64, 1, MAX_INT),
+            ("batch.max_buffered", b.max_buffered as u64, 1, MAX_INT),
+            ("analysis.top", self.analysis.top as u64, 1, MAX_INT),
+            (
+                "metrics_log.max_bytes",
+                self.metrics_log.max_bytes,
+                1,
+                MAX_INT,
+            ),
+            (
+                "metrics_log.keep",
+                self.metrics_log.keep as u64,
+                0,
+                MAX_KEEP,
+            ),
+        ] {
+            if value < min {
+                e.add(key, format!("must be at least {min}, found {value}"));
+            } else if value > max {
+                e.add(key, format!("must be at most {max}, found {value}"));
+            }
+        }
+        if let Some(h) = b.hop.filter(|h| window && b.max_span >= ms && !h.is_zero()) {
+            if h > b.max_span || !b.max_span.as_millis().is_multiple_of(h.as_millis()) {
+                let span = humantime::format_duration(b.max_span);
+                e.add("batch.hop", format!("must divide batch.max_span ({span})"));
+            }
+        }
+        let names = |list: &[Field]| {
+            list.iter()
+                .map(|f| f.name().to_string())
+                .collect::<Vec<_>>()
         };
-        let max_span = r.duration("batch.max_span", Duration::ZERO);
-        let hop = match r.string("batch.hop").as_str() {
-            "" => None,
-            _ => Some(r.duration("batch.hop", Duration::from_millis(1))),
-        };
-        if mode == BatchMode::Window {
-            if max_span < Duration::from_millis(1) {
-                r.problem("batch.max_span", "must be at least 1ms in window mode");
-            } else if let Some(h) = hop {
-                if h > max_span || !max_span.as_millis().is_multiple_of(h.as_millis().max(1)) {
-                    r.problem(
-                        "batch.hop",
+        let mut lists: Vec<(String, Vec<String>)> = vec![
+            ("events.required".into(), self.events.required.clone()),
+            (
+                "privacy.pseudonymize".into(),
+                names(&self.privacy.pseudonymize),
+            ),
+        ];
+        let slices = self.analysis.slices.iter().enumerate();
+        lists.extend(slices.map(|(i, s)| (format!("analysis.slices[{i}]"), names(s))));
+        for (key, list) in &lists {
+            for (i, name) in list.iter().enumerate() {
+                if list[..i].contains(name) {
+                    e.add(key, format!("field `{name}` is listed twice"));
+                } else if name != "timestamp" && Field::from_name(name).is_none() {
+                    e.add(
+                        key,
                         format!(
-                            "must divide batch.max_span ({})",
-                            humantime::format_duration(max_span)
+                            "`{name}` is not an event field (one of {}, timestamp)",
+                            Field::names()
                         ),
                     );
                 }
             }
         }
-        let batch = BatchSettings {
-            mode,
-            max_events: r.int("batch.max_events", 1) as usize,
-            max_span,
-            max_wait: r.duration("batch.max_wait", Duration::from_millis(1)),
-            hop,
-            grace: r.duration("batch.grace", Duration::ZERO),
-            idle: r.duration("batch.idle", Duration::from_millis(1)),
-            late: match r.one_of("batch.late", &["dlq", "drop"]).as_str() {
-                "drop" => LateSetting::Drop,
-                _ => LateSetting::Dlq,
-            },
-            max_buffered: r.int("batch.max_buffered", 1) as usize,
-        };
-        let analysis = AnalysisSettings {
-            slices: r.slices("analysis.slices"),
-            top: r.int("analysis.top", 1) as usize,
-        };
-        let (required, timestamp_required) = r.required("events.required");
-        if mode == BatchMode::Window && !timestamp_required {
-            r.problem(
-                "events.required",
-                "must include \"timestamp\" in window mode (batch.mode = \"window\"): an event without a time has no window",
+        for (i, slice) in self.analysis.slices.iter().enumerate() {
+            if slice.is_empty() {
+                e.add(
+                    format!("analysis.slices[{i}]"),
+                    "a slice names at least one field",
+                );
+            } else if self.analysis.slices[..i].contains(slice) {
+                e.add(
+                    format!("analysis.slices[{i}]"),
+                    "the same slice is listed twice",
+                );
+            }
+        }
+        if self.analysis.slices.is_empty() {
+            e.add("analysis.slices", "at least one slice is needed");
+        }
+        if window && !self.events.required().1 {
+            e.add("events.required", "must include \"timestamp\" in window mode (batch.mode = \"window\"): an event without a time has no window");
+        }
+        let level = &self.log.level;
+        if level.trim().is_empty() || tracing_subscriber::EnvFilter::try_new(level).is_err() {
+            e.add(
+                "log.level",
+                format!("`{level}` is not a level (error, warn, info, debug, trace) or filter"),
             );
         }
-        let events = EventSettings {
-            required,
-            timestamp_required,
-            max_future: r.duration("events.max_future", Duration::ZERO),
-        };
-        let log_path = r.string("metrics_log.path");
-        let metrics_log = MetricsLogSettings {
-            path: (!log_path.is_empty()).then(|| PathBuf::from(log_path)),
-            max_bytes: r.int("metrics_log.max_bytes", 1),
-            keep: r.int_in("metrics_log.keep", 0, MAX_KEEP) as usize,
-        };
-        let log = LogSettings {
-            format: match r.one_of("log.format", &["text", "json"]).as_str() {
-                "json" => LogFormat::Json,
-                _ => LogFormat::Text,
-            },
-            level: r.log_level("log.level"),
-        };
-        let listen = r.string("telemetry.listen");
-        let telemetry = TelemetrySettings {
-            listen: if listen.is_empty() {
-                None
-            } else {
-                match listen.parse() {
-                    Ok(addr) => Some(addr),
-                    Err(_) => {
-                        r.problem(
-                            "telemetry.listen",
-                            format!("`{listen}` is not an address such as 127.0.0.1:9464"),
-                        );
-                        None
-                    }
-                }
-            },
-            progress_interval: r.duration("telemetry.progress_interval", Duration::from_millis(1)),
-            token: r.string("telemetry.token"),
-        };
-        if telemetry
+        // Never echo the token: it is a secret.
+        if self
+            .telemetry
             .token
+            .0
             .chars()
             .any(|c| c.is_whitespace() || c.is_control())
         {
-            // Never echo the value: it is a secret.
-            r.problem(
-                "telemetry.token",
-                "must not contain spaces or control characters (it travels in an Authorization header)",
-            );
+            e.add("telemetry.token", "must not contain spaces or control characters (it travels in an Authorization header)");
         }
-        let privacy = r.privacy();
-
-        if r.problems.is_empty() {
-            Ok(Settings {
-                kafka,
-                batch,
-                analysis,
-                events,
-                metrics_log,
-                log,
-                telemetry,
-                privacy,
-            })
-        } else {
-            Err(ConfigError {
-                problems: r.problems,
-            })
+        let p = &self.privacy;
+        if !p.pseudonymize.is_empty() && p.key.is_empty() && p.key_file.is_none() {
+            e.add("privacy.key", "privacy.pseudonymize names fields but no key is set (privacy.key or privacy.key_file)");
         }
     }
 
-    /// The effective configuration as TOML, with secrets redacted.
-    pub fn redacted_toml(&self) -> String {
-        let mut value = serde_json::to_value(self).expect("settings serialize");
-        for table in ["consumer", "producer"] {
-            if let Some(Value::Object(props)) = value["kafka"].get_mut(table) {
-                for (k, v) in props.iter_mut() {
-                    if is_secret_property(k) {
-                        *v = Value::String(REDACTED.into());
-                    }
-                }
-            }
-        }
-        // TOML has no null; an unset optional key prints as empty, as it is written.
-        strip_nulls(&mut value);
-        toml::to_string_pretty(&value).expect("settings as TOML")
-    }
-
-    /// One line for the start-up log.
-    pub fn redacted_summary(&self) -> String {
-        let slices: Vec<String> = self
-            .analysis
-            .slices
-            .iter()
-            .map(|s| s.iter().map(|f| f.name()).collect::<Vec<_>>().join("+"))
-            .collect();
-        let props = |m: &BTreeMap<String, String>| {
-            m.iter()
-                .map(|(k, v)| {
-                    let v = if is_secret_property(k) {
-                        REDACTED
-                    } else {
-                        v.as_str()
-                    };
-                    format!("{k}={v}")
-                })
-                .collect::<Vec<_>>()
-                .join(",")
+    /// Takes the privacy key from `privacy.key_file` when `privacy.key` is empty.
+    fn read_key_file(&mut self, e: &mut ConfigError) {
+        let Some(path) = self
+            .privacy
+            .key_file
+            .as_ref()
+            .filter(|_| self.privacy.key.is_empty())
+        else {
+            return;
         };
-        format!(
-            "brokers={} group={} input={} output={} dlq={} compression={} batch(mode={} max_events={} max_span={} max_wait={} grace={}) slices=[{}] top={} required=[{}] metrics_log={} pseudonymize=[{}] consumer=[{}] producer=[{}]",
-            self.kafka.bootstrap_servers,
-            self.kafka.group_id,
-            self.kafka.input_topic,
-            self.kafka.output_topic,
-            if self.kafka.dlq_topic.is_empty() { "-" } else { &self.kafka.dlq_topic },
-            self.kafka.compression,
-            match self.batch.mode {
-                BatchMode::Window => "window",
-                BatchMode::Arrival => "arrival",
-            },
-            self.batch.max_events,
-            humantime::format_duration(self.batch.max_span),
-            humantime::format_duration(self.batch.max_wait),
-            humantime::format_duration(self.batch.grace),
-            slices.join(" "),
-            self.analysis.top,
-            self.events
-                .required
-                .iter()
-                .map(|f| f.name())
-                .chain(self.events.timestamp_required.then_some("timestamp"))
-                .collect::<Vec<_>>()
-                .join(","),
-            self.metrics_log
-                .path
-                .as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|| "-".into()),
-            self.privacy
-                .pseudonymize
-                .iter()
-                .map(|f| f.name())
-                .collect::<Vec<_>>()
-                .join(","),
-            props(&self.kafka.consumer),
-            props(&self.kafka.producer),
-        )
+        match std::fs::read_to_string(path) {
+            Ok(s) if !s.trim().is_empty() => self.privacy.key = Secret::new(s.trim()),
+            Ok(_) => e.add("privacy.key_file", format!("{} is empty", path.display())),
+            Err(err) => e.add(
+                "privacy.key_file",
+                format!("cannot read {}: {err}", path.display()),
+            ),
+        }
+    }
+
+    /// The effective configuration as TOML, secrets redacted; it loads again.
+    pub fn redacted_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("settings as TOML")
+    }
+
+    /// The effective configuration on one line, `key=value` for each key,
+    /// secrets redacted: for the start-up log.
+    pub fn redacted_summary(&self) -> String {
+        let toml = self.redacted_toml();
+        let pairs = toml.lines().filter(|l| l.contains(" = "));
+        let pairs: Vec<String> = pairs
+            .map(|l| l.replace(" = ", "=").replace('"', ""))
+            .collect();
+        pairs.join(" ")
     }
 }
 
-fn strip_nulls(v: &mut Value) {
-    match v {
-        Value::Object(map) => {
-            for (_, child) in map.iter_mut() {
-                if child.is_null() {
-                    *child = Value::String(String::new());
-                } else {
-                    strip_nulls(child);
+/// How a value of an enum setting is written in configuration.
+pub fn name<T: Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(Value::String(s)) => s,
+        _ => String::new(),
+    }
+}
+
+/// The merged key tree of the defaults, the file layer and the environment.
+fn merged(
+    file: Option<(Box<dyn Source>, &str)>,
+    env: impl IntoIterator<Item = (String, String)>,
+    e: &mut ConfigError,
+) -> Result<Value, config::ConfigError> {
+    let defaults = config::File::from_str(DEFAULT_TOML, config::FileFormat::Toml);
+    let mut builder =
+        config::Config::builder().add_source(Layer::of(&defaults, "config/default.toml", e)?);
+    if let Some((file, name)) = file {
+        builder = builder.add_source(Layer::of(file.as_ref(), name, e)?);
+    }
+    let prefix = format!("{ENV_PREFIX}__");
+    let mut vars = Map::new();
+    for (k, v) in env.into_iter().filter(|(k, _)| k.starts_with(&prefix)) {
+        match k.contains(['[', ']']) {
+            // The variable's name is the only name such a key has.
+            true => e.add(k, BRACKETED_KEY),
+            false => drop(vars.insert(k, v)),
+        }
+    }
+    let env = config::Environment::with_prefix(ENV_PREFIX)
+        .prefix_separator("__")
+        .separator("__")
+        .source(Some(vars));
+    builder = builder.add_source(Layer::of(&env, "the environment", e)?);
+    builder.build()?.try_deserialize::<Value>()
+}
+
+/// One layer, read and normalised on its own before the `config` crate
+/// merges it over the layers below: variables' dotted paths as nested
+/// tables, librdkafka property names in dotted form, no bracketed keys.
+#[derive(Debug, Clone)]
+struct Layer(Map<String, CValue>);
+
+impl Layer {
+    fn of(
+        source: &dyn Source,
+        name: &str,
+        e: &mut ConfigError,
+    ) -> Result<Layer, config::ConfigError> {
+        let mut root = CValue::new(None, Map::<String, CValue>::new());
+        for (key, value) in source.collect()? {
+            // The config crate reads `a[99999999999]` as a path with an
+            // array index and grows an array to that length.
+            if key.contains(['[', ']']) {
+                e.add(key, BRACKETED_KEY);
+                continue;
+            }
+            let nested = key.rsplit('.').fold(value, |v, part| {
+                CValue::new(None, Map::from_iter([(part.to_string(), v)]))
+            });
+            merge(&mut root, nested);
+        }
+        let ValueKind::Table(mut root) = root.kind else {
+            unreachable!("a table")
+        };
+        if let Some(ValueKind::Table(kafka)) = root.get_mut("kafka").map(|v| &mut v.kind) {
+            for (table, props) in kafka.iter_mut() {
+                let ValueKind::Table(props) = &mut props.kind else {
+                    continue;
+                };
+                if !["client", "consumer", "producer"].contains(&table.as_str()) {
+                    continue;
+                }
+                // librdkafka property names never contain underscores, so
+                // the mapping is unambiguous; one layer may not use both.
+                let mut dotted = Map::new();
+                for (k, v) in std::mem::take(props) {
+                    if dotted.insert(k.replace('_', "."), v).is_some() {
+                        let key = format!("kafka.{table}.{}", k.replace('_', "."));
+                        e.add(key, format!("{name} sets this property twice, spelled with dots and with underscores; keep one"));
+                    }
+                }
+                *props = dotted;
+            }
+        }
+        Ok(Layer(root))
+    }
+}
+
+fn merge(into: &mut CValue, from: CValue) {
+    match (&mut into.kind, from.kind) {
+        (ValueKind::Table(a), ValueKind::Table(b)) => {
+            for (k, v) in b {
+                match a.get_mut(&k) {
+                    Some(slot) => merge(slot, v),
+                    None => drop(a.insert(k, v)),
                 }
             }
         }
-        Value::Array(items) => items.iter_mut().for_each(strip_nulls),
+        (slot, kind) => *slot = kind,
+    }
+}
+
+impl Source for Layer {
+    fn clone_into_box(&self) -> Box<dyn Source + Send + Sync> {
+        Box::new(self.clone())
+    }
+
+    fn collect(&self) -> Result<Map<String, CValue>, config::ConfigError> {
+        Ok(self.0.clone())
+    }
+}
+
+/// The key tree of the embedded defaults: the types values are read as.
+fn defaults() -> &'static Value {
+    static DEFAULTS: OnceLock<Value> = OnceLock::new();
+    DEFAULTS.get_or_init(|| toml::from_str(DEFAULT_TOML).expect("config/default.toml is valid"))
+}
+
+/// Reads strings (all that variables hold) as the type of their default:
+/// a whole number, or a list as JSON or separated by commas. Numbers and
+/// booleans become strings where a string is expected, and in the librdkafka
+/// property tables, whose keys have no default.
+fn coerce(value: &mut Value, default: &Value) {
+    match (value, default) {
+        (Value::Object(map), Value::Object(schema)) => {
+            for (k, v) in map.iter_mut() {
+                coerce(v, schema.get(k).unwrap_or(&Value::String(String::new())));
+            }
+        }
+        (v @ Value::String(_), Value::Number(_)) => {
+            if let Some(n) = v.as_str().and_then(|s| s.trim().parse::<u64>().ok()) {
+                *v = Value::from(n);
+            }
+        }
+        (v @ Value::String(_), Value::Array(_)) => {
+            let s = v.as_str().unwrap_or_default().trim().to_string();
+            *v = match s.starts_with('[') {
+                true => serde_json::from_str(&s).unwrap_or(Value::String(s)),
+                false => s
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|p| !p.is_empty())
+                    .map(Value::from)
+                    .collect(),
+            };
+        }
+        (v @ (Value::Number(_) | Value::Bool(_)), Value::String(_)) => {
+            *v = Value::String(v.to_string())
+        }
         _ => {}
     }
 }
 
-/// librdkafka properties whose values must not be printed.
-fn is_secret_property(key: &str) -> bool {
-    ["password", "secret", "key.pem", "token"]
-        .iter()
-        .any(|s| key.contains(s))
-}
-
-fn default_source() -> config::File<config::FileSourceString, config::FileFormat> {
-    config::File::from_str(DEFAULT_TOML, config::FileFormat::Toml)
-}
-
-const BRACKETED_KEY: &str = "unknown key (no key holds `[` or `]`)";
-
-/// Refuses a TOML layer with a top-level key holding `[` or `]`: the config
-/// crate reads such a key as a path with an array index (`"a[99999999999]"`)
-/// and grows an array to that length. Text that is not TOML passes, for the
-/// layer's own parse to report.
-fn refuse_bracketed_keys(text: &str) -> Result<(), ConfigError> {
-    let Ok(table) = config::Format::parse(&config::FileFormat::Toml, None, text) else {
-        return Ok(());
-    };
-    let problems: Vec<Problem> = table
-        .keys()
-        .filter(|k| k.contains(['[', ']']))
-        .map(|k| Problem {
-            key: k.clone(),
-            message: BRACKETED_KEY.to_string(),
-        })
-        .collect();
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(ConfigError { problems })
-    }
-}
-
-/// The key tree of the embedded defaults, parsed once.
-fn defaults() -> &'static Value {
-    static DEFAULTS: OnceLock<Value> = OnceLock::new();
-    DEFAULTS.get_or_init(|| {
-        tree(config::Config::builder().add_source(default_source()))
-            .expect("the embedded config/default.toml is valid")
-    })
-}
-
-/// Rewrites the keys of the librdkafka property tables of one layer in their
-/// dotted form. Environment variables cannot carry dots and librdkafka
-/// property names never contain underscores, so the mapping is unambiguous;
-/// a layer that spells one property both ways is rejected.
-fn normalise_properties(layer: &mut Value, name: &str, problems: &mut Vec<Problem>) {
-    for path in PASS_THROUGH {
-        let (section, table) = path.split_once('.').expect("section.table");
-        let Some(Value::Object(map)) = layer.get_mut(section).and_then(|v| v.get_mut(table)) else {
-            continue;
+/// Deserializes the merged tree; each key that fails is reported and put
+/// back to its default (an unknown key is dropped) until the rest loads.
+fn deserialize(mut tree: Value, e: &mut ConfigError) -> Settings {
+    loop {
+        let err = match serde_path_to_error::deserialize::<_, Settings>(&tree) {
+            Ok(s) => return s,
+            Err(err) => err,
         };
-        let mut out = serde_json::Map::new();
-        let mut spelled: BTreeMap<String, String> = BTreeMap::new();
-        for (k, v) in std::mem::take(map) {
-            let dotted = k.replace('_', ".");
-            if let Some(first) = spelled.get(&dotted) {
-                problems.push(Problem {
-                    key: format!("{path}.{dotted}"),
-                    message: format!(
-                        "{name} sets this property twice, as `{first}` and `{k}`; keep one"
-                    ),
-                });
-                continue;
-            }
-            spelled.insert(dotted.clone(), k);
-            out.insert(dotted, v);
+        let message = err.inner().to_string();
+        let mut path: Vec<Segment> = err.path().iter().cloned().collect();
+        let unknown = message
+            .strip_prefix("unknown field `")
+            .and_then(|m| m.split_once('`'));
+        // A problem inside a list is the list item's (a slice, a field).
+        if let Some(i) = path.iter().position(|s| matches!(s, Segment::Seq { .. })) {
+            path.truncate(i + 1);
         }
-        *map = out;
-    }
-}
-
-/// Merges a later layer over an earlier one: tables merge key by key, any
-/// other value replaces the earlier one.
-fn merge(into: &mut Value, later: Value) {
-    match (into, later) {
-        (Value::Object(a), Value::Object(b)) => {
-            for (k, v) in b {
-                match a.get_mut(&k) {
-                    Some(slot) => merge(slot, v),
-                    None => {
-                        a.insert(k, v);
-                    }
-                }
-            }
-        }
-        (slot, v) => *slot = v,
-    }
-}
-
-fn tree(builder: config::ConfigBuilder<config::builder::DefaultState>) -> Result<Value, String> {
-    builder
-        .build()
-        .and_then(|c| c.try_deserialize::<Value>())
-        .map_err(|e| e.to_string())
-}
-
-fn unknown_keys(value: &Value, schema: &Value, prefix: &str, problems: &mut Vec<Problem>) {
-    let (Value::Object(map), Value::Object(known)) = (value, schema) else {
-        return;
-    };
-    for (key, child) in map {
-        let path = if prefix.is_empty() {
-            key.clone()
-        } else {
-            format!("{prefix}.{key}")
-        };
-        match known.get(key) {
-            None => problems.push(Problem {
-                message: format!(
-                    "unknown key (accepted here: {})",
-                    known.keys().cloned().collect::<Vec<_>>().join(", ")
-                ),
-                key: path,
-            }),
-            Some(sub) if !PASS_THROUGH.contains(&path.as_str()) => {
-                unknown_keys(child, sub, &path, problems)
-            }
-            Some(_) => {}
-        }
-    }
-}
-
-/// Reads typed values from the merged tree, collecting problems.
-struct Reader<'a> {
-    root: &'a Value,
-    problems: Vec<Problem>,
-}
-
-impl Reader<'_> {
-    fn problem(&mut self, key: &str, message: impl Into<String>) {
-        self.problems.push(Problem {
-            key: key.to_string(),
-            message: message.into(),
+        let key = path.iter().fold(String::new(), |key, s| match s {
+            Segment::Map { key: k } if key.is_empty() => k.clone(),
+            Segment::Map { key: k } => format!("{key}.{k}"),
+            Segment::Seq { index } => format!("{key}[{index}]"),
+            _ => key,
         });
-    }
-
-    fn get(&self, key: &str) -> Option<&Value> {
-        key.split('.').try_fold(self.root, |v, part| v.get(part))
-    }
-
-    fn string(&mut self, key: &str) -> String {
-        match self.get(key) {
-            Some(Value::String(s)) => s.trim().to_string(),
-            Some(Value::Number(n)) => n.to_string(),
-            Some(Value::Bool(b)) => b.to_string(),
-            Some(other) => {
-                let msg = format!("expected a string, found {}", kind(other));
-                self.problem(key, msg);
-                String::new()
-            }
-            None => String::new(),
-        }
-    }
-
-    fn non_empty(&mut self, key: &str) -> String {
-        let s = self.string(key);
-        if s.is_empty() {
-            self.problem(key, "must not be empty");
-        }
-        s
-    }
-
-    fn one_of(&mut self, key: &str, choices: &[&str]) -> String {
-        let s = self.string(key).to_ascii_lowercase();
-        if !choices.contains(&s.as_str()) {
-            self.problem(key, format!("`{s}` is not one of: {}", choices.join(", ")));
-        }
-        s
-    }
-
-    fn int_in(&mut self, key: &str, min: u64, max: u64) -> u64 {
-        let n = self.whole_number(key, min);
-        if n > max {
-            self.problem(key, format!("must be at most {max}, found {n}"));
-            return max;
-        }
-        n
-    }
-
-    /// A whole number no larger than a TOML integer can be, so that the
-    /// printed configuration loads again.
-    fn int(&mut self, key: &str, min: u64) -> u64 {
-        self.int_in(key, min, MAX_INT)
-    }
-
-    fn whole_number(&mut self, key: &str, min: u64) -> u64 {
-        let parsed = match self.get(key) {
-            Some(Value::Number(n)) => n
-                .as_u64()
-                .ok_or_else(|| format!("`{n}` is not a whole number of at least {min}")),
-            Some(Value::String(s)) => s
-                .trim()
-                .parse::<u64>()
-                .map_err(|_| format!("`{s}` is not a whole number of at least {min}")),
-            Some(other) => Err(format!("expected a whole number, found {}", kind(other))),
-            None => Err("missing".to_string()),
+        let keys: Vec<&str> = path
+            .iter()
+            .filter_map(|s| match s {
+                Segment::Map { key } => Some(key.as_str()),
+                _ => None,
+            })
+            .collect();
+        let Some((last, parents)) = keys.split_last() else {
+            break;
         };
-        match parsed {
-            Ok(n) if n >= min => n,
-            Ok(n) => {
-                self.problem(key, format!("must be at least {min}, found {n}"));
-                min
-            }
-            Err(msg) => {
-                self.problem(key, msg);
-                min
-            }
-        }
-    }
-
-    fn duration(&mut self, key: &str, min: Duration) -> Duration {
-        let s = self.string(key);
-        match humantime::parse_duration(&s) {
-            Ok(d) if d >= min => d,
-            Ok(_) => {
-                self.problem(
+        let schema = parents.iter().try_fold(defaults(), |v, k| v.get(*k));
+        match unknown {
+            Some(_) => {
+                let accepted = schema
+                    .and_then(Value::as_object)
+                    .map(|m| m.keys().cloned().collect::<Vec<_>>());
+                e.add(
                     key,
-                    format!("must be at least {}", humantime::format_duration(min)),
+                    format!(
+                        "unknown key (accepted here: {})",
+                        accepted.unwrap_or_default().join(", ")
+                    ),
                 );
-                min
             }
-            Err(e) => {
-                self.problem(
-                    key,
-                    format!("`{s}` is not a duration such as \"500ms\", \"10s\" or \"2m\" ({e})"),
-                );
-                min.max(Duration::from_secs(1))
-            }
+            None => e.add(key, message),
         }
-    }
-
-    /// A list of strings: an array, a JSON array in a string, or a comma-separated string.
-    fn string_list(&mut self, key: &str) -> Vec<String> {
-        match self.get(key).cloned() {
-            Some(Value::Array(items)) => items
-                .into_iter()
-                .filter_map(|v| match v {
-                    Value::String(s) => Some(s),
-                    other => {
-                        self.problem(key, format!("expected strings, found {}", kind(&other)));
-                        None
-                    }
-                })
-                .collect(),
-            Some(Value::String(s)) if s.trim_start().starts_with('[') => {
-                match serde_json::from_str::<Vec<String>>(&s) {
-                    Ok(v) => v,
-                    Err(e) => {
-                        self.problem(key, format!("not a JSON list of strings: {e}"));
-                        Vec::new()
-                    }
-                }
-            }
-            Some(Value::String(s)) => s
-                .split(',')
-                .map(|p| p.trim().to_string())
-                .filter(|p| !p.is_empty())
-                .collect(),
-            Some(other) => {
-                self.problem(key, format!("expected a list, found {}", kind(&other)));
-                Vec::new()
-            }
-            None => Vec::new(),
-        }
-    }
-
-    fn fields(&mut self, key: &str, names: &[String]) -> Vec<Field> {
-        let mut fields = Vec::new();
-        for name in names {
-            match Field::from_name(name) {
-                Some(f) if fields.contains(&f) => {
-                    self.problem(key, format!("field `{name}` is listed twice"))
-                }
-                Some(f) => fields.push(f),
-                None => self.problem(
-                    key,
-                    format!("`{name}` is not an event field (one of {})", Field::names()),
-                ),
-            }
-        }
-        fields
-    }
-
-    fn slices(&mut self, key: &str) -> Vec<Vec<Field>> {
-        let raw: Vec<Vec<String>> = match self.get(key).cloned() {
-            Some(Value::String(s)) => match serde_json::from_str(&s) {
-                Ok(v) => v,
-                Err(e) => {
-                    self.problem(key, format!("not a JSON list of lists of field names: {e}"));
-                    return Vec::new();
-                }
-            },
-            Some(v) => match serde_json::from_value(v) {
-                Ok(v) => v,
-                Err(e) => {
-                    self.problem(key, format!("expected a list of lists of field names: {e}"));
-                    return Vec::new();
-                }
-            },
-            None => Vec::new(),
+        let default = schema.and_then(|v| v.get(*last)).cloned();
+        let Some(Value::Object(parent)) = parents.iter().try_fold(&mut tree, |v, k| v.get_mut(*k))
+        else {
+            break;
         };
-        if raw.is_empty() {
-            self.problem(key, "at least one slice is needed");
-        }
-        let mut slices = Vec::new();
-        for (i, names) in raw.iter().enumerate() {
-            let item_key = format!("{key}[{i}]");
-            if names.is_empty() {
-                self.problem(&item_key, "a slice names at least one field");
-                continue;
-            }
-            let fields = self.fields(&item_key, names);
-            if slices.contains(&fields) {
-                self.problem(&item_key, "the same slice is listed twice");
-            }
-            slices.push(fields);
-        }
-        slices
-    }
-
-    fn required(&mut self, key: &str) -> (Vec<Field>, bool) {
-        let names = self.string_list(key);
-        let timestamp = names.iter().any(|n| n == "timestamp");
-        let rest: Vec<String> = names.into_iter().filter(|n| n != "timestamp").collect();
-        (self.fields(key, &rest), timestamp)
-    }
-
-    fn properties(&mut self, key: &str, reserved: &[&str]) -> BTreeMap<String, String> {
-        let mut props = BTreeMap::new();
-        let Some(value) = self.get(key).cloned() else {
-            return props;
-        };
-        let Value::Object(map) = value else {
-            self.problem(key, "expected a table of librdkafka properties");
-            return props;
-        };
-        for (k, v) in map {
-            // Environment variables cannot carry dots; librdkafka property names never
-            // contain underscores, so the mapping back is unambiguous.
-            let name = k.replace('_', ".");
-            let value = match v {
-                Value::String(s) => s,
-                Value::Number(n) => n.to_string(),
-                Value::Bool(b) => b.to_string(),
-                other => {
-                    self.problem(
-                        &format!("{key}.{k}"),
-                        format!(
-                            "expected a string, number or boolean, found {}",
-                            kind(&other)
-                        ),
-                    );
-                    continue;
-                }
-            };
-            if reserved.contains(&name.as_str()) {
-                self.problem(
-                    &format!("{key}.{k}"),
-                    "is set by login-metrics itself and cannot be overridden",
-                );
-                continue;
-            }
-            // A revocation gives up all the partitions' state at once (open
-            // windows, the open batch, paused flows); incremental rebalancing
-            // would keep some partitions without it.
-            if name == "partition.assignment.strategy" && value.contains("cooperative") {
-                self.problem(
-                    &format!("{key}.{k}"),
-                    "cooperative (incremental) rebalancing is not supported; use range or roundrobin",
-                );
-                continue;
-            }
-            props.insert(name, value);
-        }
-        props
-    }
-
-    fn log_level(&mut self, key: &str) -> String {
-        let s = self.string(key);
-        if tracing_subscriber::EnvFilter::try_new(&s).is_err() || s.is_empty() {
-            self.problem(
-                key,
-                format!("`{s}` is not a level (error, warn, info, debug, trace) or filter"),
-            );
-        }
-        s
-    }
-
-    fn privacy(&mut self) -> PrivacySettings {
-        let names = self.string_list("privacy.pseudonymize");
-        let pseudonymize = self.fields("privacy.pseudonymize", &names);
-        let key_text = self.string("privacy.key");
-        let key_file = self.string("privacy.key_file");
-        let key_file = (!key_file.is_empty()).then(|| PathBuf::from(key_file));
-        let key = if !key_text.is_empty() {
-            key_text.into_bytes()
-        } else if let Some(path) = &key_file {
-            match std::fs::read_to_string(path) {
-                Ok(s) if !s.trim().is_empty() => s.trim().as_bytes().to_vec(),
-                Ok(_) => {
-                    self.problem("privacy.key_file", format!("{} is empty", path.display()));
-                    Vec::new()
-                }
-                Err(e) => {
-                    self.problem(
-                        "privacy.key_file",
-                        format!("cannot read {}: {e}", path.display()),
-                    );
-                    Vec::new()
-                }
-            }
-        } else {
-            Vec::new()
-        };
-        if !pseudonymize.is_empty() && key.is_empty() && key_file.is_none() {
-            self.problem(
-                "privacy.key",
-                "privacy.pseudonymize names fields but no key is set (privacy.key or privacy.key_file)",
-            );
-        }
-        PrivacySettings {
-            pseudonymize,
-            key,
-            key_file,
+        match default {
+            Some(d) if parent.get(*last) != Some(&d) => drop(parent.insert(last.to_string(), d)),
+            None if parent.remove(*last).is_some() => {}
+            _ => break,
         }
     }
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "nothing",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "a table",
-    }
+    // Nothing was left to put back, which the defaults underneath prevent.
+    toml::from_str(DEFAULT_TOML).expect("the defaults load")
 }
 
 #[cfg(test)]
@@ -1166,15 +878,14 @@ mod tests {
         assert_eq!(s.kafka.input_topic, "user-login");
         assert_eq!(s.kafka.output_topic, "login-metrics");
         assert_eq!(s.kafka.dlq_topic, "user-login-dlq");
-        assert_eq!(s.kafka.compression, "gzip");
+        assert_eq!(s.kafka.compression, Compression::Gzip);
         assert_eq!(s.batch.max_events, 10_000);
         assert_eq!(s.batch.max_span, Duration::from_secs(10));
         assert_eq!(s.batch.max_wait, Duration::from_secs(10));
         assert_eq!(s.analysis.slices.len(), 7);
         assert_eq!(s.analysis.slices[1], vec![Field::UserId, Field::Ip]);
         assert_eq!(s.analysis.top, 100);
-        assert_eq!(s.events.required, vec![Field::UserId]);
-        assert!(s.events.timestamp_required);
+        assert_eq!(s.events.required(), (vec![Field::UserId], true));
         assert_eq!(
             s.metrics_log.path.as_deref(),
             Some(Path::new("login-metrics.log"))
@@ -1291,14 +1002,14 @@ mod tests {
 
     #[test]
     fn layers_merge_one_key_per_property_with_the_later_layer_winning() {
-        let defaults = tree(config::Config::builder().add_source(default_source())).unwrap();
-        let (merged, problems) = Settings::layers(
-            &defaults,
+        let mut errors = ConfigError { problems: vec![] };
+        let merged = merged(
             None,
             env(&[("LOGIN_METRICS__KAFKA__PRODUCER__COMPRESSION_LEVEL", "9")]),
+            &mut errors,
         )
         .unwrap();
-        assert!(problems.is_empty());
+        assert!(errors.problems.is_empty());
         assert_eq!(
             merged["kafka"]["producer"],
             serde_json::json!({"compression.level": "9"})
@@ -1426,7 +1137,7 @@ mod tests {
             ]),
         )
         .unwrap();
-        assert_eq!(s.telemetry.token, "dash-tok3n");
+        assert_eq!(s.telemetry.token.expose(), "dash-tok3n");
         let text = s.redacted_toml();
         assert!(!text.contains("hunter2-key"), "{text}");
         assert!(!text.contains("pw-secret"), "{text}");

@@ -19,7 +19,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use login_metrics::metrics_log::{pending_path, rotated_path, MetricsLog};
+use login_metrics::sink::metrics_log::{pending_path, rotated_path, MetricsLog};
 
 const WRITER: &str = "LOGIN_METRICS_TEST_LOG_WRITER";
 const MAX_BYTES: u64 = 300;

@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 
 use chrono::{NaiveDate, NaiveTime};
 use libfuzzer_sys::fuzz_target;
-use login_metrics::event::{parse, parse_with_serde, ErrorKind, Field, InvalidEvent, LoginEvent, Requirements};
+use login_metrics::core::event::{parse, parse_with_serde, ErrorKind, Field, InvalidEvent, LoginEvent, Requirements};
 use serde_json::Value;
 
 /// 2023-09-12T00:45:51Z: the latest accepted time of the strictest requirements.

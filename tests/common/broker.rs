@@ -1,11 +1,12 @@
-//! A real Kafka-protocol broker (tansu) in a separate process on 127.0.0.1,
-//! and the `login-metrics` binary run against it as a subprocess.
-//!
-//! The broker binary is installed by `scripts/install-broker` (the README's
-//! test command runs it). When it is missing, the tests fail with the reason
-//! and the fix; they are never skipped.
+//! Apache Kafka for the tests: a single-node KRaft broker (broker and
+//! controller in one JVM) in a separate process on free loopback ports, with
+//! a fresh log directory, started by `scripts/kafka-broker` from the jars
+//! `scripts/install-kafka` fetches (it installs them when they are missing).
+//! A broker that cannot start fails the test with its log; nothing is
+//! skipped.
 
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -13,24 +14,29 @@ use std::time::{Duration, Instant};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+
+/// How long a broker may take to serve: a JVM start and a storage format,
+/// on a machine busy with the other tests.
+const START_WITHIN: Duration = Duration::from_secs(120);
 
 pub struct Broker {
     child: Child,
+    /// The PLAINTEXT listener.
     pub bootstrap: String,
+    /// The SASL_SSL listener, when the broker was started with one.
+    pub secured: Option<Secured>,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
 }
 
-fn broker_binary() -> PathBuf {
-    let path = std::env::var_os("LOGIN_METRICS_TEST_BROKER")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/tansu/tansu"));
-    assert!(
-        path.is_file(),
-        "the test broker is not installed at {}.\n\
-         Fix: run scripts/install-broker (it fetches tansu from PyPI into .cache/tansu), \
-         or run the whole suite with scripts/test, or point LOGIN_METRICS_TEST_BROKER at a tansu binary.",
-        path.display()
-    );
-    path
+/// A SASL_SSL listener with SCRAM-SHA-512 (and SCRAM-SHA-256, PLAIN) for one
+/// user, and the CA that signed the broker's certificate.
+pub struct Secured {
+    pub bootstrap: String,
+    pub ca: PathBuf,
+    pub user: String,
+    pub password: String,
 }
 
 pub fn free_port() -> u16 {
@@ -40,36 +46,116 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
 impl Broker {
-    /// Starts a broker with in-memory storage on a free loopback port.
+    /// A broker with a PLAINTEXT listener only.
     pub fn start() -> Broker {
-        let bin = broker_binary();
-        let port = free_port();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(&bin)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-                "--storage-engine",
-                "memory://tansu/",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+        Self::launch(false)
+    }
+
+    /// A broker with a SASL_SSL listener too, its certificates made by
+    /// `scripts/kafka-certs` for this broker alone.
+    pub fn start_secured() -> Broker {
+        Self::launch(true)
+    }
+
+    fn launch(secured: bool) -> Broker {
+        let dir = tempfile::tempdir().expect("broker dir");
+        let log = dir.path().join("broker.log");
+        let (port, cport) = (free_port(), free_port());
+        let mut cmd = Command::new(root().join("scripts/kafka-broker"));
+        cmd.arg("--dir")
+            .arg(dir.path().join("kafka"))
+            .args(["--port", &port.to_string()])
+            .args(["--controller-port", &cport.to_string()])
+            .args(["--heap", "384m"]);
+        let secured = secured.then(|| {
+            let certs = dir.path().join("certs");
+            let made = Command::new(root().join("scripts/kafka-certs"))
+                .arg(&certs)
+                .stdout(Stdio::null())
+                .status()
+                .expect("scripts/kafka-certs runs");
+            assert!(made.success(), "scripts/kafka-certs failed");
+            let s = Secured {
+                bootstrap: format!("127.0.0.1:{}", free_port()),
+                ca: certs.join("ca.pem"),
+                user: "login-metrics".into(),
+                password: "s3cret-pass".into(),
+            };
+            cmd.args(["--sasl-ssl-port", s.bootstrap.rsplit(':').next().unwrap()])
+                .arg("--certs")
+                .arg(&certs)
+                .args(["--scram-user", &s.user, "--scram-password", &s.password]);
+            s
+        });
+        // Its own process group, so that a failed start kills the format
+        // step's JVM too.
+        let child = cmd
+            .process_group(0)
+            .stdout(std::fs::File::create(&log).expect("broker log"))
+            .stderr(Stdio::from(
+                std::fs::File::options().append(true).open(&log).unwrap(),
+            ))
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start the test broker {}: {e}", bin.display()));
-        let bootstrap = format!("127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(&bootstrap).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "the test broker did not listen on {bootstrap}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
+            .expect("scripts/kafka-broker starts");
+        let mut broker = Broker {
+            child,
+            bootstrap: format!("127.0.0.1:{port}"),
+            secured,
+            log,
+            _dir: dir,
+        };
+        broker.wait_serving();
+        broker
+    }
+
+    /// Waits until the broker answers a metadata request.
+    fn wait_serving(&mut self) {
+        let started = Instant::now();
+        while TcpStream::connect(&self.bootstrap).is_err() {
+            self.assert_starting(started);
+            std::thread::sleep(Duration::from_millis(100));
         }
-        Broker { child, bootstrap }
+        let probe: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .create()
+            .expect("probe client");
+        while probe
+            .fetch_metadata(None, Duration::from_secs(2))
+            .map_or(true, |md| md.brokers().is_empty())
+        {
+            self.assert_starting(started);
+        }
+        eprintln!(
+            "Apache Kafka serving on {} after {:.1}s",
+            self.bootstrap,
+            started.elapsed().as_secs_f64()
+        );
+    }
+
+    fn assert_starting(&mut self, started: Instant) {
+        if let Some(status) = self.child.try_wait().expect("try_wait") {
+            panic!(
+                "Apache Kafka exited ({status}) before it served; its log:\n{}",
+                self.log_tail()
+            );
+        }
+        assert!(
+            started.elapsed() < START_WITHIN,
+            "Apache Kafka did not serve on {} in {START_WITHIN:?}; its log:\n{}",
+            self.bootstrap,
+            self.log_tail()
+        );
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(60)..].join("\n")
     }
 
     pub async fn create_topic(&self, name: &str, partitions: i32) {
@@ -80,7 +166,7 @@ impl Broker {
         let results = admin
             .create_topics(
                 &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
-                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
             )
             .await
             .expect("create topics");
@@ -92,222 +178,10 @@ impl Broker {
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // The whole group: the JVM, and a format step still running.
+        unsafe {
+            libc::killpg(self.child.id() as i32, libc::SIGKILL);
+        }
         let _ = self.child.wait();
-    }
-}
-
-/// A `login-metrics run` subprocess.
-pub struct Service {
-    pub child: Child,
-    pub log_path: PathBuf,
-    pub metrics_port: u16,
-    pub stderr_path: PathBuf,
-}
-
-/// Settings every real-broker run uses: a short group-join time on tansu
-/// (it holds a new group's first join for about max.poll.interval.ms), and
-/// arrival mode unless the test sets `BATCH__MODE` again (a later variable wins).
-pub fn service_env(bootstrap: &str, group: &str) -> Vec<(String, String)> {
-    [
-        ("BATCH__MODE", "arrival"),
-        ("KAFKA__BOOTSTRAP_SERVERS", bootstrap),
-        ("KAFKA__GROUP_ID", group),
-        ("KAFKA__CONSUMER__MAX_POLL_INTERVAL_MS", "10000"),
-        ("KAFKA__CONSUMER__SESSION_TIMEOUT_MS", "6000"),
-        ("KAFKA__CONSUMER__HEARTBEAT_INTERVAL_MS", "500"),
-        ("TELEMETRY__PROGRESS_INTERVAL", "1s"),
-    ]
-    .iter()
-    .map(|(k, v)| (format!("LOGIN_METRICS__{k}"), v.to_string()))
-    .collect()
-}
-
-impl Service {
-    /// Starts `login-metrics run` with `env` (full variable names) and a metrics log in `dir`.
-    pub fn start(dir: &Path, name: &str, env: &[(String, String)]) -> Service {
-        let log_path = dir.join(format!("{name}.metrics.log"));
-        let stderr_path = dir.join(format!("{name}.stderr.log"));
-        let metrics_port = free_port();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_login-metrics"));
-        cmd.arg("run");
-        for (k, _) in std::env::vars() {
-            if k.starts_with("LOGIN_METRICS__") {
-                cmd.env_remove(k);
-            }
-        }
-        cmd.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .env("LOGIN_METRICS__METRICS_LOG__PATH", &log_path)
-            .env(
-                "LOGIN_METRICS__TELEMETRY__LISTEN",
-                format!("127.0.0.1:{metrics_port}"),
-            )
-            .env("LOGIN_METRICS__LOG__FORMAT", "json")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr_path).expect("stderr file"));
-        let child = cmd.spawn().expect("login-metrics starts");
-        Service {
-            child,
-            log_path,
-            metrics_port,
-            stderr_path,
-        }
-    }
-
-    pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
-        super::http_get(&format!("127.0.0.1:{}", self.metrics_port), path)
-    }
-
-    /// Waits until /readyz answers 200 (connected, partitions assigned).
-    pub fn wait_ready(&self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some((200, _)) = self.http_get("/readyz") {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "login-metrics was not ready in {timeout:?}; stderr:\n{}",
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// The telemetry page `/metrics` (empty when nothing answers).
-    pub fn metrics(&self) -> String {
-        self.http_get("/metrics")
-            .map(|(_, body)| body)
-            .unwrap_or_default()
-    }
-
-    /// The dashboard's `/api/status` (None when nothing answers).
-    pub fn status(&self) -> Option<serde_json::Value> {
-        let (code, body) = self.http_get("/api/status")?;
-        (code == 200).then(|| serde_json::from_str(&body).ok())?
-    }
-
-    /// Input messages this process has consumed so far (`/api/status` events).
-    pub fn consumed(&self) -> Option<u64> {
-        self.status()?["events"].as_u64()
-    }
-
-    /// Fails, with the process's log, when it is no longer running.
-    pub fn assert_running(&mut self) {
-        if let Some(status) = self.child.try_wait().expect("try_wait") {
-            panic!(
-                "login-metrics exited ({status}) while the test expected it to run; stderr:\n{}",
-                self.stderr()
-            );
-        }
-    }
-
-    /// Waits until `done` holds, checking that the process still runs; fails
-    /// naming `what` after `timeout`.
-    pub fn wait_for(
-        &mut self,
-        what: &str,
-        timeout: Duration,
-        mut done: impl FnMut(&Service) -> bool,
-    ) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if done(self) {
-                return;
-            }
-            self.assert_running();
-            assert!(
-                Instant::now() < deadline,
-                "{what}: not seen in {timeout:?}; stderr:\n{}",
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// The last `n` lines of the process's log, without the periodic
-    /// progress lines.
-    pub fn stderr_tail(&self, n: usize) -> String {
-        let all = self.stderr();
-        let lines: Vec<&str> = all
-            .lines()
-            .filter(|l| !l.contains("\"message\":\"progress\""))
-            .collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
-    }
-
-    pub fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
-    }
-
-    /// The packets this process wrote to its metrics log.
-    pub fn logged_packets(&self) -> Vec<login_metrics::packet::Packet> {
-        std::fs::read_to_string(&self.log_path)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("packet line"))
-            .collect()
-    }
-
-    pub fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{sig}"), &self.child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill -{sig} failed");
-    }
-
-    /// Waits for the process to exit; returns its exit code (None: killed by a signal).
-    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status.code();
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!(
-                    "login-metrics did not exit in {timeout:?}; stderr:\n{}",
-                    self.stderr()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Waits until `group`'s committed offsets on the input topic equal
-/// `expected`, failing (with its log) when one of `services` stops meanwhile.
-pub fn wait_committed_while_running(
-    bootstrap: &str,
-    group: &str,
-    expected: &[i64],
-    timeout: Duration,
-    services: &mut [&mut Service],
-) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let now = super::committed(bootstrap, group, expected.len() as i32);
-        if now == expected {
-            return;
-        }
-        for s in services.iter_mut() {
-            s.assert_running();
-        }
-        if Instant::now() >= deadline {
-            let logs: Vec<String> = services.iter().map(|s| s.stderr_tail(80)).collect();
-            panic!(
-                "committed offsets {now:?}, expected {expected:?}; the services' last log lines:\n{}",
-                logs.join("\n----\n")
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
     }
 }

@@ -1,0 +1,244 @@
+//! The librdkafka clients: every client configuration the service makes is
+//! built here, from one place, so that a property given once — security
+//! above all (`kafka.client`: `security.protocol`, `sasl.*`, `ssl.*`) —
+//! reaches all of them: the consumer, the producer, the admin client and the
+//! checkpoint writer and reader. Also where what librdkafka reports (errors,
+//! log lines) is turned into logs and metrics.
+//!
+//! Layering, last wins: the service's own defaults, `kafka.client`, then
+//! `kafka.consumer` or `kafka.producer`, then the properties the service's
+//! guarantees rest on (manual offset storage and commits, idempotent acks=all
+//! production), which the configuration refuses to override.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::settings::{name, KafkaSettings};
+use crate::telemetry::KAFKA_ERRORS;
+
+/// What every client shares: the brokers, a client id and `kafka.client`.
+fn common(k: &KafkaSettings, client_id: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &k.bootstrap_servers)
+        .set("client.id", client_id);
+    for (key, value) in k.client.iter() {
+        c.set(key, value);
+    }
+    c
+}
+
+/// The input consumer: manual offset storage and commits.
+pub fn consumer(k: &KafkaSettings) -> ClientConfig {
+    let mut c = common(k, "login-metrics");
+    c.set("auto.offset.reset", name(&k.auto_offset_reset))
+        .set("enable.partition.eof", "false")
+        .set("statistics.interval.ms", "5000")
+        // Larger fetches keep the consumer ahead of the analysis.
+        .set("fetch.wait.max.ms", "100")
+        .set("queued.min.messages", "200000")
+        .set("fetch.queue.backoff.ms", "100");
+    for (key, value) in k.consumer.iter() {
+        c.set(key, value);
+    }
+    c.set("group.id", &k.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false");
+    c.set_log_level(RDKafkaLogLevel::Warning);
+    c
+}
+
+/// The producer of packets and dead letters: idempotent, acks=all.
+pub fn producer(k: &KafkaSettings) -> ClientConfig {
+    let mut c = common(k, "login-metrics");
+    c.set("compression.type", name(&k.compression))
+        .set(
+            "message.timeout.ms",
+            k.delivery_timeout.as_millis().to_string(),
+        )
+        .set("linger.ms", "5");
+    for (key, value) in k.producer.iter() {
+        c.set(key, value);
+    }
+    c.set("enable.idempotence", "true").set("acks", "all");
+    c
+}
+
+/// The admin client (topic checks and creation): the producer's properties,
+/// as it talks to the same brokers for the same service.
+pub fn admin(k: &KafkaSettings) -> ClientConfig {
+    let mut c = producer(k);
+    c.set("client.id", "login-metrics-admin");
+    c
+}
+
+/// The checkpoint writer: the producer's properties, records sent at once.
+pub fn checkpoint_writer(k: &KafkaSettings) -> ClientConfig {
+    let mut c = producer(k);
+    c.set("linger.ms", "0")
+        .set("client.id", "login-metrics-checkpoints");
+    c
+}
+
+/// The checkpoint reader: the consumer's properties, assigned and never
+/// subscribed, so it joins no group and commits nothing.
+pub fn checkpoint_reader(k: &KafkaSettings) -> ClientConfig {
+    let mut c = consumer(k);
+    c.set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "earliest")
+        .set("client.id", "login-metrics-checkpoints");
+    c.set_log_level(RDKafkaLogLevel::Error);
+    c
+}
+
+/// Why the brokers refuse this service outright — credentials or trust that
+/// no retry will change — naming the settings to fix; `None` for errors
+/// librdkafka retries with a chance of success (an unreachable broker).
+pub fn refusal(error: &KafkaError) -> Option<String> {
+    let text = error.to_string();
+    match error.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed) => {
+            Some(format!(
+                "the brokers refused the credentials ({text}): check kafka.client.sasl.mechanism, \
+             kafka.client.sasl.username and kafka.client.sasl.password \
+             (LOGIN_METRICS__KAFKA__CLIENT__SASL_PASSWORD)"
+            ))
+        }
+        Some(RDKafkaErrorCode::SSL) => Some(format!(
+            "the TLS handshake with the brokers failed ({text}): check \
+             kafka.client.ssl.ca.location (the CA that signed the brokers' certificates) \
+             and kafka.client.security.protocol"
+        )),
+        _ => None,
+    }
+}
+
+/// The context of a start-up probe: reports like [`KafkaContext`] and keeps
+/// the first [`refusal`] it is told of.
+pub struct ProbeContext {
+    name: &'static str,
+    refused: Mutex<Option<String>>,
+}
+
+impl ProbeContext {
+    pub fn new(name: &'static str) -> ProbeContext {
+        ProbeContext {
+            name,
+            refused: Mutex::new(None),
+        }
+    }
+
+    pub fn refused(&self) -> Option<String> {
+        self.refused.lock().expect("probe lock").clone()
+    }
+}
+
+impl rdkafka::client::ClientContext for ProbeContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        route_log(self.name, level, fac, message);
+    }
+    fn error(&self, error: KafkaError, reason: &str) {
+        if let Some(r) = refusal(&error) {
+            self.refused.lock().expect("probe lock").get_or_insert(r);
+        }
+        report_error(self.name, &error, reason);
+    }
+}
+
+impl rdkafka::producer::ProducerContext for ProbeContext {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &rdkafka::producer::DeliveryResult<'_>, _: ()) {}
+}
+
+/// Kinds of Kafka client error logged in the last [`KAFKA_REPEAT`], with how
+/// many repeats were kept at DEBUG since.
+static KAFKA_LOGGED: std::sync::Mutex<Vec<(String, Instant, u64)>> =
+    std::sync::Mutex::new(Vec::new());
+/// How often one kind of Kafka client error is logged at WARN.
+const KAFKA_REPEAT: Duration = Duration::from_secs(60);
+
+/// Reports an error librdkafka gives a client's error callback.
+///
+/// librdkafka retries these on its own, and one broker failure reaches every
+/// client of the process (consumer, producer, checkpoint store), each more
+/// than once: a refused connection, then "all brokers are down". So each
+/// kind of error is one WARN line a minute for the whole process, the rest
+/// DEBUG, and every report counts in [`KAFKA_ERRORS`].
+pub fn report_error(client: &'static str, error: &KafkaError, reason: &str) {
+    metrics::counter!(KAFKA_ERRORS, "client" => client).increment(1);
+    let code = error.rdkafka_error_code();
+    // Always follows a failure of its own, which is the line that says why.
+    if matches!(code, Some(RDKafkaErrorCode::AllBrokersDown)) {
+        tracing::debug!(client, error = %error, "kafka {client}: {reason}");
+        return;
+    }
+    let kind = code.map_or_else(|| error.to_string(), |c| format!("{c:?}"));
+    let now = Instant::now();
+    let repeats = {
+        let mut logged = KAFKA_LOGGED.lock().expect("kafka log lock");
+        match logged.iter_mut().find(|(k, _, _)| *k == kind) {
+            Some((_, at, n)) if now.duration_since(*at) < KAFKA_REPEAT => {
+                *n += 1;
+                None
+            }
+            Some((_, at, n)) => {
+                *at = now;
+                Some(std::mem::take(n))
+            }
+            None => {
+                logged.push((kind, now, 0));
+                Some(0)
+            }
+        }
+    };
+    match repeats {
+        Some(repeats) => tracing::warn!(
+            client,
+            error = %error,
+            repeats,
+            "kafka {client}: {reason} (librdkafka retries on its own)"
+        ),
+        None => tracing::debug!(client, error = %error, "kafka {client}: {reason}"),
+    }
+}
+
+/// Routes librdkafka's own log lines. Its connection failures (facilities
+/// `FAIL` and `ERROR`) also reach [`report_error`], which logs them once; so
+/// they stay at DEBUG here. Nothing librdkafka logs is fatal to the service
+/// (it retries), so nothing is above WARN.
+pub fn route_log(client: &'static str, level: RDKafkaLogLevel, fac: &str, message: &str) {
+    use RDKafkaLogLevel::*;
+    match level {
+        Emerg | Alert | Critical | Error if fac == "FAIL" || fac == "ERROR" => {
+            tracing::debug!(target: "librdkafka", client, "{fac}: {message}")
+        }
+        Emerg | Alert | Critical | Error | Warning => {
+            tracing::warn!(target: "librdkafka", client, "{fac}: {message}")
+        }
+        Notice | Info => tracing::info!(target: "librdkafka", client, "{fac}: {message}"),
+        Debug => tracing::debug!(target: "librdkafka", client, "{fac}: {message}"),
+    }
+}
+
+/// The context of a Kafka client with nothing else to do: its errors and log
+/// lines go through [`report_error`] and [`route_log`].
+pub struct KafkaContext(pub &'static str);
+
+impl rdkafka::client::ClientContext for KafkaContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        route_log(self.0, level, fac, message);
+    }
+    fn error(&self, error: KafkaError, reason: &str) {
+        report_error(self.0, &error, reason);
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for KafkaContext {}
+
+impl rdkafka::producer::ProducerContext for KafkaContext {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &rdkafka::producer::DeliveryResult<'_>, _: ()) {}
+}

@@ -1,0 +1,286 @@
+//! The units that cross stages, below all of them: what the source hands to
+//! grouping ([`Coord`]), what grouping hands to delivery ([`Work`] of
+//! [`Batch`]es and [`InvalidMessage`]s), what delivery reports back ([`Ack`])
+//! and what the commit path stores ([`CommitPoint`], [`Checkpoint`]).
+//!
+//! Plain data: no Kafka, tokio or HTTP type, so the pure core and every
+//! stage can name them without depending on each other.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::core::event::{ErrorKind, Field, LoginEvent, FIELD_COUNT};
+
+/// Why a batch closed. The names appear in packets as `window.closed_by`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CloseReason {
+    Count,
+    Span,
+    Wait,
+    Shutdown,
+    Rebalance,
+    /// Window mode: every partition's progress passed the window's end.
+    Watermark,
+}
+
+impl CloseReason {
+    pub const ALL: [CloseReason; 6] = [
+        CloseReason::Count,
+        CloseReason::Span,
+        CloseReason::Wait,
+        CloseReason::Shutdown,
+        CloseReason::Rebalance,
+        CloseReason::Watermark,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Count => "count",
+            CloseReason::Span => "span",
+            CloseReason::Wait => "wait",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::Rebalance => "rebalance",
+            CloseReason::Watermark => "watermark",
+        }
+    }
+}
+
+/// A message as the source hands it to grouping: where it came from and
+/// its bytes (an empty payload for a message without one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Message<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<&'a [u8]>,
+    pub payload: &'a [u8],
+}
+
+impl<'a> Message<'a> {
+    pub fn coord(&self) -> Coord<'a> {
+        Coord {
+            topic: self.topic,
+            partition: self.partition,
+            offset: self.offset,
+        }
+    }
+}
+
+/// Where a message came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Coord<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// The contiguous offset range a batch read from one partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceRange {
+    pub topic: Arc<str>,
+    pub partition: i32,
+    pub first_offset: i64,
+    pub last_offset: i64,
+}
+
+/// A message that is not a valid event, kept for the dead-letter topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidMessage {
+    pub topic: Arc<str>,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub kind: ErrorKind,
+    pub reason: String,
+}
+
+/// One string column, stored as a single buffer plus spans: no allocation per value.
+#[derive(Debug, Clone, Default)]
+pub struct StrColumn {
+    buf: String,
+    spans: Vec<Option<(u32, u32)>>,
+}
+
+impl StrColumn {
+    fn push(&mut self, value: Option<&str>) {
+        self.spans.push(value.map(|v| {
+            let start = self.buf.len() as u32;
+            self.buf.push_str(v);
+            (start, v.len() as u32)
+        }));
+    }
+
+    pub fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+
+    pub fn get(&self, i: usize) -> Option<&str> {
+        self.spans[i].map(|(s, l)| &self.buf[s as usize..(s + l) as usize])
+    }
+
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = Option<&str>> + '_ {
+        self.spans
+            .iter()
+            .map(|span| span.map(|(s, l)| &self.buf[s as usize..(s + l) as usize]))
+    }
+}
+
+/// The valid events of a batch, column by column.
+#[derive(Debug, Clone, Default)]
+pub struct Columns {
+    pub strings: [StrColumn; FIELD_COUNT],
+    pub timestamps_ms: Vec<Option<i64>>,
+}
+
+impl Columns {
+    pub fn push(&mut self, event: &LoginEvent<'_>) {
+        for (col, value) in self.strings.iter_mut().zip(&event.fields) {
+            col.push(value.as_deref());
+        }
+        self.timestamps_ms.push(event.timestamp_ms);
+    }
+
+    pub fn len(&self) -> usize {
+        self.timestamps_ms.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.timestamps_ms.is_empty()
+    }
+
+    pub fn column(&self, field: Field) -> &StrColumn {
+        &self.strings[field.index()]
+    }
+
+    /// Builds columns from events (tests, benches).
+    pub fn from_events<'a>(events: impl IntoIterator<Item = &'a LoginEvent<'a>>) -> Columns {
+        let mut c = Columns::default();
+        for e in events {
+            c.push(e);
+        }
+        c
+    }
+}
+
+/// An event-time window `[start_ms, end_ms)` and the pane of it a packet reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WindowId {
+    pub start_ms: i64,
+    pub end_ms: i64,
+    /// 0, 1, ... when the window was split by `batch.max_events`.
+    pub pane: u32,
+}
+
+/// The valid events of one packet: an arrival batch, or a window's pane.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// Position in this process's sequence of batches, from 0.
+    pub seq: u64,
+    pub columns: Columns,
+    pub ts_min_ms: Option<i64>,
+    pub ts_max_ms: Option<i64>,
+    /// Ordered by topic, then partition.
+    pub sources: Vec<SourceRange>,
+    /// Arrival mode: the batch's invalid messages (its dead letters).
+    pub invalid: Vec<InvalidMessage>,
+    /// Invalid messages counted in the packet, by [`ErrorKind`] index.
+    pub invalid_by_kind: [u64; ErrorKind::ALL.len()],
+    /// Window mode: late events among the window's offsets.
+    pub late: Option<u64>,
+    /// Window mode: the window this batch reports.
+    pub window: Option<WindowId>,
+    pub closed_by: CloseReason,
+    /// When the batch's first message arrived.
+    pub opened_at: Instant,
+}
+
+/// An offset to commit once the work that carries it is delivered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitPoint {
+    pub topic: Arc<str>,
+    pub partition: i32,
+    /// The next offset to read.
+    pub offset: i64,
+    /// Window mode: the partition's checkpoint, stored before the commit.
+    pub checkpoint: Option<Checkpoint>,
+}
+
+/// What the consumer side hands to delivery, in order: packets to build, dead
+/// letters to send, and the offsets to commit when all of it is delivered.
+#[derive(Debug, Clone)]
+pub struct Work {
+    pub seq: u64,
+    pub batches: Vec<Batch>,
+    pub dead_letters: Vec<InvalidMessage>,
+    pub commit: Vec<CommitPoint>,
+    /// Input messages the commit moves past.
+    pub messages: u64,
+}
+
+impl Work {
+    /// An arrival batch: one packet, its invalid messages as dead letters, and
+    /// its last offset + 1 per partition to commit.
+    pub fn from_arrival(mut batch: Batch) -> Work {
+        let commit = batch
+            .sources
+            .iter()
+            .map(|s| CommitPoint {
+                topic: s.topic.clone(),
+                partition: s.partition,
+                offset: s.last_offset + 1,
+                checkpoint: None,
+            })
+            .collect();
+        let messages = batch.messages() as u64;
+        let dead_letters = std::mem::take(&mut batch.invalid);
+        Work {
+            seq: batch.seq,
+            batches: vec![batch],
+            dead_letters,
+            commit,
+            messages,
+        }
+    }
+}
+
+impl Batch {
+    pub fn valid(&self) -> usize {
+        self.columns.len()
+    }
+
+    /// Messages covered by the batch, valid and invalid.
+    pub fn messages(&self) -> usize {
+        self.columns.len() + self.invalid.len()
+    }
+}
+
+/// A partition's position: the offset to read next and the state needed to
+/// judge the messages from there on as the original run did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub offset: i64,
+    /// The partition's progress before `offset`.
+    pub progress_ms: Option<i64>,
+    /// Every window ending at or before this was closed and emitted.
+    pub closed_through_ms: Option<i64>,
+}
+
+/// What delivery reports back for each work, in order.
+#[derive(Debug)]
+pub enum Ack {
+    /// Packets and dead letters acknowledged, packets in the metrics log.
+    Delivered {
+        commit: Vec<CommitPoint>,
+        messages: u64,
+    },
+    /// The work could not be delivered; nothing more may be committed.
+    Failed(String),
+}

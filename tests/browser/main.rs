@@ -1,0 +1,7 @@
+//! The dashboard in a real headless browser (Debian's Chromium), with the
+//! service on Apache Kafka.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod dashboard;
