@@ -97,8 +97,12 @@ pub fn checkpoint_reader(k: &KafkaSettings) -> ClientConfig {
 /// Why the brokers refuse this service outright — credentials or trust that
 /// no retry will change — naming the settings to fix; `None` for errors
 /// librdkafka retries with a chance of success (an unreachable broker).
-pub fn refusal(error: &KafkaError) -> Option<String> {
-    let text = error.to_string();
+pub fn refusal(error: &KafkaError, reason: &str) -> Option<String> {
+    let text = if reason.is_empty() {
+        error.to_string()
+    } else {
+        reason.to_string()
+    };
     match error.rdkafka_error_code() {
         Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed) => {
             Some(format!(
@@ -116,41 +120,13 @@ pub fn refusal(error: &KafkaError) -> Option<String> {
     }
 }
 
-/// The context of a start-up probe: reports like [`KafkaContext`] and keeps
-/// the first [`refusal`] it is told of.
-pub struct ProbeContext {
-    name: &'static str,
-    refused: Mutex<Option<String>>,
-}
+/// The first [`refusal`] any client of the process was told of.
+static REFUSED: Mutex<Option<String>> = Mutex::new(None);
 
-impl ProbeContext {
-    pub fn new(name: &'static str) -> ProbeContext {
-        ProbeContext {
-            name,
-            refused: Mutex::new(None),
-        }
-    }
-
-    pub fn refused(&self) -> Option<String> {
-        self.refused.lock().expect("probe lock").clone()
-    }
-}
-
-impl rdkafka::client::ClientContext for ProbeContext {
-    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
-        route_log(self.name, level, fac, message);
-    }
-    fn error(&self, error: KafkaError, reason: &str) {
-        if let Some(r) = refusal(&error) {
-            self.refused.lock().expect("probe lock").get_or_insert(r);
-        }
-        report_error(self.name, &error, reason);
-    }
-}
-
-impl rdkafka::producer::ProducerContext for ProbeContext {
-    type DeliveryOpaque = ();
-    fn delivery(&self, _: &rdkafka::producer::DeliveryResult<'_>, _: ()) {}
+/// The first refusal any client was told of: consulted at start-up, where
+/// it stops the start instead of leaving librdkafka to retry forever.
+pub fn refused() -> Option<String> {
+    REFUSED.lock().expect("refusal lock").clone()
 }
 
 /// Kinds of Kafka client error logged in the last [`KAFKA_REPEAT`], with how
@@ -169,6 +145,9 @@ const KAFKA_REPEAT: Duration = Duration::from_secs(60);
 /// DEBUG, and every report counts in [`KAFKA_ERRORS`].
 pub fn report_error(client: &'static str, error: &KafkaError, reason: &str) {
     metrics::counter!(KAFKA_ERRORS, "client" => client).increment(1);
+    if let Some(r) = refusal(error, reason) {
+        REFUSED.lock().expect("refusal lock").get_or_insert(r);
+    }
     let code = error.rdkafka_error_code();
     // Always follows a failure of its own, which is the line that says why.
     if matches!(code, Some(RDKafkaErrorCode::AllBrokersDown)) {

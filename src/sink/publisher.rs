@@ -21,7 +21,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use tracing::warn;
 
-use crate::kafka::{KafkaContext, ProbeContext};
+use crate::kafka::KafkaContext;
 use crate::settings::KafkaSettings;
 use crate::telemetry;
 use crate::work::InvalidMessage;
@@ -251,14 +251,16 @@ pub fn check_topics(k: &KafkaSettings, timeout: Duration) -> anyhow::Result<()> 
     let mut c = crate::kafka::producer(k);
     // Asking must not create the topic on a broker that auto-creates.
     c.set("allow.auto.create.topics", "false");
-    let probe: rdkafka::producer::BaseProducer<ProbeContext> =
-        c.create_with_context(ProbeContext::new("topic check"))?;
+    let probe: rdkafka::producer::BaseProducer<KafkaContext> =
+        c.create_with_context(KafkaContext("topic check"))?;
     let deadline = Instant::now() + timeout;
     loop {
         let answered = probe
             .client()
             .fetch_metadata(None, Duration::from_millis(500));
-        if let Some(refused) = probe.context().refused() {
+        // The service's producer polls in the background: its error
+        // callback is where librdkafka reports a refusal.
+        if let Some(refused) = crate::kafka::refused() {
             bail!("{refused}");
         }
         match answered {

@@ -159,13 +159,22 @@ impl Broker {
     }
 
     pub async fn create_topic(&self, name: &str, partitions: i32) {
+        self.create_topic_with(name, partitions, &[]).await
+    }
+
+    /// A topic with topic-level settings (`max.message.bytes`, say).
+    pub async fn create_topic_with(&self, name: &str, partitions: i32, config: &[(&str, &str)]) {
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
             .set("bootstrap.servers", &self.bootstrap)
             .create()
             .expect("admin client");
+        let mut topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+        for (k, v) in config {
+            topic = topic.set(k, v);
+        }
         let results = admin
             .create_topics(
-                &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+                &[topic],
                 &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
             )
             .await

@@ -126,12 +126,23 @@ pub fn committed_on(bootstrap: &str, group: &str, topic: &str, partitions: i32) 
         Path::new("unused"),
         &[("KAFKA__GROUP_ID", group), ("KAFKA__INPUT_TOPIC", topic)],
     );
-    login_metrics::source::consumer::committed_offsets(
-        &s.kafka,
-        partitions,
-        Duration::from_secs(10),
-    )
-    .expect("committed offsets")
+    // A new broker answers "not coordinator" or "loading" until the group
+    // offsets topic is ready; only an error that outlasts that fails.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match login_metrics::source::consumer::committed_offsets(
+            &s.kafka,
+            partitions,
+            Duration::from_secs(10),
+        ) {
+            Ok(offsets) => return offsets,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("committed offsets of {group}: {e}; asking again");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("committed offsets of {group}: {e}"),
+        }
+    }
 }
 
 /// Waits until the group's committed offsets equal `expected`.

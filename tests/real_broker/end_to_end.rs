@@ -124,7 +124,13 @@ async fn end_to_end_over_tcp_counts_match_a_naive_count_and_dead_letters_arrive_
 /// process exits 0 and no packet is published twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_malformed_message_is_dead_lettered_truncated_and_the_stream_goes_on() {
-    let b = broker_with_topics(1).await;
+    // The input topic takes the 1.5 MB message; the dead-letter topic keeps
+    // the broker's default limit (1 MB), so the full dead letter is refused.
+    let b = Broker::start();
+    b.create_topic_with(INPUT, 1, &[("max.message.bytes", "4194304")])
+        .await;
+    b.create_topic(OUTPUT, 1).await;
+    b.create_topic(DLQ, 1).await;
     let dir = tempfile::tempdir().unwrap();
     let (mut inputs, mut malformed) = generated_input(33, 100, 400, 1);
     inputs.insert(200, crate::common::input(0, vec![b'#'; 1_500_000]));

@@ -696,3 +696,50 @@ async fn over_sasl_ssl_with_scram_the_windows_are_the_oracles_and_refusals_name_
         "the checkpoint writer wrote over the secured listener"
     );
 }
+
+/// kill -9 at seeded random points on Apache Kafka, in window mode with the
+/// default settings otherwise: five runs killed while they read, publish and
+/// commit, then one to the end. Every window equals the oracle's, every copy
+/// of a window has one id and one content, every late event is a dead
+/// letter, and every logged commit, across the runs, follows the packets of
+/// the windows it passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_random_points_gives_the_oracles_windows() {
+    let b = Broker::start();
+    let group = "killed";
+    b.create_topic(INPUT, PARTITIONS).await;
+    b.create_topic(&format!("{OUTPUT}-{group}"), 1).await;
+    b.create_topic(&format!("{DLQ}-{group}"), 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let msgs = input(55, 6_000);
+    let expected = oracle(&msgs);
+    produce_msgs(&b.bootstrap, INPUT, &msgs);
+    let env = window_env(&b.bootstrap, group, INPUT, &[]);
+    let mut order = CommitOrder::new(&expected);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(20261203);
+    for i in 0..5 {
+        let before = committed_on(&b.bootstrap, group, INPUT, PARTITIONS);
+        let mut svc = Service::start(dir.path(), &format!("killed{i}"), &env);
+        svc.wait_ready(READY);
+        let ms = rng.gen_range(100..3_000);
+        std::thread::sleep(Duration::from_millis(ms));
+        svc.signal("KILL");
+        assert_eq!(svc.wait_exit(Duration::from_secs(10)), None, "killed");
+        let (done, _) = order.check(&format!("killed{i}"), &svc.stderr(), &before);
+        eprintln!("run {i}: killed after {ms} ms; committed {done:?}");
+    }
+    let before = committed_on(&b.bootstrap, group, INPUT, PARTITIONS);
+    let mut last = Service::start(dir.path(), "last", &env);
+    last.wait_ready(READY);
+    wait_committed_on(&b.bootstrap, group, INPUT, &expected.ends);
+    last.signal("TERM");
+    assert_eq!(last.wait_exit(DONE), Some(0), "{}", last.stderr());
+    let (done, _) = order.check("last", &last.stderr(), &before);
+    assert_eq!(done, expected.ends, "the logged commits reach the end");
+    let run = published(
+        &b.bootstrap,
+        &format!("{OUTPUT}-{group}"),
+        &format!("{DLQ}-{group}"),
+    );
+    check_run(group, &run, &expected);
+}
