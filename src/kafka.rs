@@ -17,8 +17,116 @@ use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 
-use crate::settings::{name, KafkaSettings};
+use serde::{Deserialize, Serialize};
+
 use crate::telemetry::KAFKA_ERRORS;
+use crate::values::{name, Findings, Properties, MAX_INT};
+
+/// `[kafka]`: the brokers, the topics, delivery, and librdkafka properties.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSettings {
+    pub bootstrap_servers: String,
+    pub group_id: String,
+    pub input_topic: String,
+    pub output_topic: String,
+    /// Empty: invalid messages are counted and logged but not forwarded.
+    pub dlq_topic: String,
+    pub checkpoint_topic: String,
+    pub auto_offset_reset: OffsetReset,
+    pub compression: Compression,
+    #[serde(with = "humantime_serde")]
+    pub delivery_timeout: Duration,
+    pub delivery_attempts: u32,
+    /// librdkafka properties of every client, security above all.
+    pub client: Properties,
+    /// librdkafka properties of the consumer, over `client`.
+    pub consumer: Properties,
+    /// librdkafka properties of the producer, over `client`.
+    pub producer: Properties,
+}
+
+crate::choice!(OffsetReset { Earliest, Latest });
+// zstd needs librdkafka built with libzstd, which this build is not.
+crate::choice!(Compression {
+    None,
+    Gzip,
+    Snappy,
+    Lz4
+});
+
+/// Properties the at-least-once contract rests on, which [`consumer`] and
+/// [`producer`] set themselves whatever the configuration says.
+const RESERVED: [(&str, &[&str]); 2] = [
+    (
+        "consumer",
+        &["enable.auto.commit", "enable.auto.offset.store", "group.id"],
+    ),
+    ("producer", &["enable.idempotence", "acks"]),
+];
+
+impl KafkaSettings {
+    /// What is wrong with the `[kafka]` keys.
+    pub fn check(&self, f: &mut Findings) {
+        let topics = [
+            ("kafka.input_topic", &self.input_topic),
+            ("kafka.output_topic", &self.output_topic),
+            ("kafka.dlq_topic", &self.dlq_topic),
+            ("kafka.checkpoint_topic", &self.checkpoint_topic),
+        ];
+        let named = [
+            ("kafka.bootstrap_servers", &self.bootstrap_servers),
+            ("kafka.group_id", &self.group_id),
+        ];
+        for (key, value) in named.iter().chain(&topics) {
+            if *key != "kafka.dlq_topic" && value.trim().is_empty() {
+                f.add(*key, "must not be empty");
+            }
+        }
+        // One topic in two roles would feed the service its own output.
+        for (i, (key, topic)) in topics.iter().enumerate() {
+            let clash = topics[..i]
+                .iter()
+                .find(|(_, t)| !topic.is_empty() && t == topic);
+            if let Some((other, _)) = clash {
+                f.add(*key, format!("must differ from {other} (`{topic}`)"));
+            }
+        }
+        let tables = [
+            ("client", &self.client),
+            ("consumer", &self.consumer),
+            ("producer", &self.producer),
+        ];
+        for (table, props) in tables {
+            for (name, value) in props.iter() {
+                let key = format!("kafka.{table}.{name}");
+                let reserved = RESERVED.iter().any(|(t, names)| {
+                    (table == *t || table == "client") && names.contains(&name.as_str())
+                });
+                if reserved || name == "bootstrap.servers" {
+                    f.add(
+                        key,
+                        "is set by login-metrics itself and cannot be overridden",
+                    );
+                } else if name == "partition.assignment.strategy" && value.contains("cooperative") {
+                    // A revocation gives up all the partitions' state at once;
+                    // incremental rebalancing would keep some partitions without it.
+                    f.add(
+                        key,
+                        "cooperative (incremental) rebalancing is not supported; use range or roundrobin",
+                    );
+                }
+            }
+        }
+        f.positive("kafka.delivery_timeout", self.delivery_timeout);
+        f.bounded(
+            "kafka.delivery_attempts",
+            self.delivery_attempts.into(),
+            1,
+            MAX_INT,
+        );
+    }
+}
 
 /// What every client shares: the brokers, a client id and `kafka.client`.
 fn common(k: &KafkaSettings, client_id: &str) -> ClientConfig {

@@ -28,7 +28,8 @@
 //!    packet ids.
 //!
 //! Below the stages: [`work`], the units that cross them; [`settings`], the
-//! layered configuration; [`kafka`], every librdkafka client configuration;
+//! reader of the layered configuration, whose sections live with what they
+//! configure; [`values`], the forms of configuration values they share; [`kafka`], every librdkafka client configuration;
 //! [`telemetry`], metrics, counters and health. Above them: [`pipeline`],
 //! the thin async shell that wires the stages together; [`web`], the
 //! metrics, health and dashboard listener; [`commands`], one module per
@@ -42,6 +43,7 @@
 
 pub mod settings;
 pub mod telemetry;
+pub mod values;
 pub mod work;
 
 pub mod commit;

@@ -4,7 +4,10 @@
 //! the file given with `--config`, and environment variables
 //! `LOGIN_METRICS__SECTION__KEY`. The `config` crate reads each layer and
 //! merges them; serde turns the merged tree into [`Settings`], whose sections
-//! deny unknown keys; [`Settings::validate`] then checks what spans keys.
+//! deny unknown keys; each section then checks its own keys, and
+//! [`Settings::validate`] what spans sections. The sections live with the
+//! component they configure (`[kafka]` in [`crate::kafka`], `[batch]` in
+//! [`crate::core::grouping::settings`], ...), this module is the reader.
 //!
 //! Each layer is normalised on its own before the merge: librdkafka property
 //! names are written with dots in files and with underscores in variables, so
@@ -17,19 +20,24 @@
 //! reported and dropped, and deserialization runs again, so an operator fixes
 //! a configuration in one go.
 
-use std::collections::BTreeMap;
 use std::fmt;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::OnceLock;
-use std::time::Duration;
 
 use config::{Map, Source, Value as CValue, ValueKind};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use serde_path_to_error::Segment;
 
-use crate::core::event::Field;
+pub use crate::core::analysis::AnalysisSettings;
+pub use crate::core::event::EventSettings;
+pub use crate::core::grouping::settings::{BatchMode, BatchSettings, LateSetting};
+pub use crate::core::privacy::PrivacySettings;
+pub use crate::kafka::{Compression, KafkaSettings, OffsetReset};
+pub use crate::sink::metrics_log::MetricsLogSettings;
+pub use crate::telemetry::{LogFormat, LogSettings, TelemetrySettings};
+use crate::values::Findings;
+pub use crate::values::{name, Properties, Secret};
 
 /// The embedded defaults; also the list of accepted keys and their types.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
@@ -50,263 +58,6 @@ pub struct Settings {
     pub log: LogSettings,
     pub telemetry: TelemetrySettings,
     pub privacy: PrivacySettings,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KafkaSettings {
-    pub bootstrap_servers: String,
-    pub group_id: String,
-    pub input_topic: String,
-    pub output_topic: String,
-    /// Empty: invalid messages are counted and logged but not forwarded.
-    pub dlq_topic: String,
-    pub checkpoint_topic: String,
-    pub auto_offset_reset: OffsetReset,
-    pub compression: Compression,
-    #[serde(with = "humantime_serde")]
-    pub delivery_timeout: Duration,
-    pub delivery_attempts: u32,
-    /// librdkafka properties of every client, security above all.
-    pub client: Properties,
-    /// librdkafka properties of the consumer, over `client`.
-    pub consumer: Properties,
-    /// librdkafka properties of the producer, over `client`.
-    pub producer: Properties,
-}
-
-/// An enum setting, written in lowercase.
-macro_rules! choice {
-    ($(#[$doc:meta])* $name:ident { $($variant:ident),+ }) => {
-        $(#[$doc])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-        #[serde(rename_all = "lowercase")]
-        pub enum $name { $($variant),+ }
-    };
-}
-
-choice!(OffsetReset { Earliest, Latest });
-// zstd needs librdkafka built with libzstd, which this build is not.
-choice!(Compression {
-    None,
-    Gzip,
-    Snappy,
-    Lz4
-});
-choice!(
-    /// Event-time windows closed by watermark (the same input gives the same
-    /// packets), or whatever arrived together, closed by count, span or wait.
-    BatchMode { Window, Arrival }
-);
-choice!(LateSetting { Dlq, Drop });
-choice!(LogFormat { Text, Json });
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BatchSettings {
-    pub mode: BatchMode,
-    pub max_events: usize,
-    #[serde(with = "humantime_serde")]
-    pub max_span: Duration,
-    #[serde(with = "humantime_serde")]
-    pub max_wait: Duration,
-    /// Window mode: distance between window starts; `None` for tumbling windows.
-    #[serde(with = "optional_duration")]
-    pub hop: Option<Duration>,
-    #[serde(with = "humantime_serde")]
-    pub grace: Duration,
-    #[serde(with = "humantime_serde")]
-    pub idle: Duration,
-    pub late: LateSetting,
-    pub max_buffered: usize,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AnalysisSettings {
-    pub slices: Vec<Vec<Field>>,
-    pub top: usize,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EventSettings {
-    /// Event fields that must be present and non-null, and `"timestamp"`.
-    pub required: Vec<String>,
-    #[serde(with = "humantime_serde")]
-    pub max_future: Duration,
-}
-
-impl EventSettings {
-    /// The required event fields, and whether the timestamp is required.
-    pub fn required(&self) -> (Vec<Field>, bool) {
-        let fields = self.required.iter().filter_map(|n| Field::from_name(n));
-        (
-            fields.collect(),
-            self.required.iter().any(|n| n == "timestamp"),
-        )
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MetricsLogSettings {
-    /// `None` when the metrics log is disabled.
-    #[serde(with = "optional")]
-    pub path: Option<PathBuf>,
-    pub max_bytes: u64,
-    pub keep: usize,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LogSettings {
-    pub format: LogFormat,
-    pub level: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TelemetrySettings {
-    /// `None` when the HTTP listener is disabled.
-    #[serde(with = "optional")]
-    pub listen: Option<SocketAddr>,
-    #[serde(with = "humantime_serde")]
-    pub progress_interval: Duration,
-    /// Bearer token the dashboard (`/`, `/api/*`) requires; empty leaves it open.
-    pub token: Secret,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PrivacySettings {
-    pub pseudonymize: Vec<Field>,
-    /// The HMAC key: `privacy.key`, or else the contents of `privacy.key_file`.
-    pub key: Secret,
-    #[serde(with = "optional")]
-    pub key_file: Option<PathBuf>,
-}
-
-const REDACTED: &str = "<redacted>";
-
-/// How a secret is shown: `<redacted>`, or nothing when it is empty.
-fn redact(value: &str) -> &str {
-    if value.is_empty() {
-        ""
-    } else {
-        REDACTED
-    }
-}
-
-/// A value that is never shown: `Debug` and `Serialize` print it redacted,
-/// as they do the secret librdkafka properties of [`Properties`].
-#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Secret {
-        Secret(value.into())
-    }
-
-    /// The value itself, for the one place that uses it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(redact(&self.0))
-    }
-}
-
-impl Serialize for Secret {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(redact(&self.0))
-    }
-}
-
-/// A table of librdkafka properties, keys in dotted form. Values of
-/// properties whose names mark them as secrets are shown redacted.
-#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
-pub struct Properties(BTreeMap<String, String>);
-
-impl Properties {
-    /// Every property as it may be shown.
-    fn shown(&self) -> impl Iterator<Item = (&String, &str)> {
-        self.0.iter().map(|(k, v)| {
-            let secret = ["password", "secret", "key.pem", "token"]
-                .iter()
-                .any(|s| k.contains(s));
-            (k, if secret { redact(v) } else { v.as_str() })
-        })
-    }
-}
-
-impl std::ops::Deref for Properties {
-    type Target = BTreeMap<String, String>;
-    fn deref(&self) -> &Self::Target {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Properties {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_map().entries(self.shown()).finish()
-    }
-}
-
-impl Serialize for Properties {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_map(self.shown())
-    }
-}
-
-/// An optional value written as a string; empty means none.
-mod optional {
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
-    use std::{fmt::Display, str::FromStr};
-
-    pub fn serialize<T: Serialize, S: Serializer>(v: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
-        match v {
-            Some(v) => v.serialize(s),
-            None => s.serialize_str(""),
-        }
-    }
-
-    pub fn deserialize<'de, T: FromStr, D: Deserializer<'de>>(d: D) -> Result<Option<T>, D::Error>
-    where
-        T::Err: Display,
-    {
-        match String::deserialize(d)?.trim() {
-            "" => Ok(None),
-            s => s
-                .parse()
-                .map(Some)
-                .map_err(|e| serde::de::Error::custom(format!("`{s}` is not valid here: {e}"))),
-        }
-    }
-}
-
-/// An optional duration ("500ms", "10s"); empty means none.
-mod optional_duration {
-    use serde::{Deserializer, Serializer};
-    use std::time::Duration;
-
-    pub fn serialize<S: Serializer>(v: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&v.map_or(String::new(), |d| humantime::format_duration(d).to_string()))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        let v: Option<humantime::Duration> = super::optional::deserialize(d)?;
-        Ok(v.map(Into::into))
-    }
 }
 
 /// One thing wrong with the configuration, named by its key.
@@ -347,22 +98,6 @@ impl ConfigError {
         }
     }
 }
-
-/// The largest integer setting: the largest TOML integer, so that the
-/// printed configuration loads again.
-const MAX_INT: u64 = i64::MAX as u64;
-
-/// The most rotated metrics log files kept.
-const MAX_KEEP: u64 = 1000;
-
-/// Properties the at-least-once contract rests on, which the service sets itself.
-const RESERVED: [(&str, &[&str]); 2] = [
-    (
-        "consumer",
-        &["enable.auto.commit", "enable.auto.offset.store", "group.id"],
-    ),
-    ("producer", &["enable.idempotence", "acks"]),
-];
 
 const BRACKETED_KEY: &str = "unknown key (no key holds `[` or `]`)";
 
@@ -423,180 +158,25 @@ impl Settings {
         }
     }
 
-    /// The checks that span keys or need more than a type.
+    /// Each section's checks of its own keys, then what spans sections.
     fn validate(&self, e: &mut ConfigError) {
-        let (k, b) = (&self.kafka, &self.batch);
-        let topics = [
-            ("kafka.input_topic", &k.input_topic),
-            ("kafka.output_topic", &k.output_topic),
-            ("kafka.dlq_topic", &k.dlq_topic),
-            ("kafka.checkpoint_topic", &k.checkpoint_topic),
-        ];
-        let named = [
-            ("kafka.bootstrap_servers", &k.bootstrap_servers),
-            ("kafka.group_id", &k.group_id),
-        ];
-        for (key, value) in named
-            .iter()
-            .chain(&topics)
-            .filter(|(key, _)| *key != "kafka.dlq_topic")
-        {
-            if value.trim().is_empty() {
-                e.add(*key, "must not be empty");
-            }
-        }
-        // One topic in two roles would feed the service its own output.
-        for (i, (key, topic)) in topics.iter().enumerate() {
-            if let Some((other, _)) = topics[..i]
-                .iter()
-                .find(|(_, t)| !topic.is_empty() && t == topic)
-            {
-                e.add(*key, format!("must differ from {other} (`{topic}`)"));
-            }
-        }
-        let tables = [
-            ("client", &k.client),
-            ("consumer", &k.consumer),
-            ("producer", &k.producer),
-        ];
-        for (table, props) in tables {
-            for (name, value) in props.iter() {
-                let key = format!("kafka.{table}.{name}");
-                let reserved = RESERVED.iter().any(|(t, names)| {
-                    (table == *t || table == "client") && names.contains(&name.as_str())
-                });
-                if reserved || name == "bootstrap.servers" {
-                    e.add(
-                        key,
-                        "is set by login-metrics itself and cannot be overridden",
-                    );
-                } else if name == "partition.assignment.strategy" && value.contains("cooperative") {
-                    // A revocation gives up all the partitions' state at once;
-                    // incremental rebalancing would keep some partitions without it.
-                    e.add(key, "cooperative (incremental) rebalancing is not supported; use range or roundrobin");
-                }
-            }
-        }
-        let ms = Duration::from_millis(1);
-        let window = b.mode == BatchMode::Window;
-        for (key, value) in [
-            ("kafka.delivery_timeout", k.delivery_timeout),
-            ("batch.max_wait", b.max_wait),
-            ("batch.idle", b.idle),
-            ("batch.hop", b.hop.unwrap_or(ms)),
-            ("batch.max_span", if window { b.max_span } else { ms }),
-            (
-                "telemetry.progress_interval",
-                self.telemetry.progress_interval,
-            ),
-        ] {
-            if value < ms {
-                e.add(key, "must be at least 1ms");
-            }
-        }
-        for (key, value, min, max) in [
-            (
-                "kafka.delivery_attempts",
-                u64::from(k.delivery_attempts),
-                1,
-                MAX_INT,
-            ),
-            ("batch.max_events", b.max_events as u64, 1, MAX_INT),
-            ("batch.max_buffered", b.max_buffered as u64, 1, MAX_INT),
-            ("analysis.top", self.analysis.top as u64, 1, MAX_INT),
-            (
-                "metrics_log.max_bytes",
-                self.metrics_log.max_bytes,
-                1,
-                MAX_INT,
-            ),
-            (
-                "metrics_log.keep",
-                self.metrics_log.keep as u64,
-                0,
-                MAX_KEEP,
-            ),
-        ] {
-            if value < min {
-                e.add(key, format!("must be at least {min}, found {value}"));
-            } else if value > max {
-                e.add(key, format!("must be at most {max}, found {value}"));
-            }
-        }
-        if let Some(h) = b.hop.filter(|h| window && b.max_span >= ms && !h.is_zero()) {
-            if h > b.max_span || !b.max_span.as_millis().is_multiple_of(h.as_millis()) {
-                let span = humantime::format_duration(b.max_span);
-                e.add("batch.hop", format!("must divide batch.max_span ({span})"));
-            }
-        }
-        let names = |list: &[Field]| {
-            list.iter()
-                .map(|f| f.name().to_string())
-                .collect::<Vec<_>>()
-        };
-        let mut lists: Vec<(String, Vec<String>)> = vec![
-            ("events.required".into(), self.events.required.clone()),
-            (
-                "privacy.pseudonymize".into(),
-                names(&self.privacy.pseudonymize),
-            ),
-        ];
-        let slices = self.analysis.slices.iter().enumerate();
-        lists.extend(slices.map(|(i, s)| (format!("analysis.slices[{i}]"), names(s))));
-        for (key, list) in &lists {
-            for (i, name) in list.iter().enumerate() {
-                if list[..i].contains(name) {
-                    e.add(key, format!("field `{name}` is listed twice"));
-                } else if name != "timestamp" && Field::from_name(name).is_none() {
-                    e.add(
-                        key,
-                        format!(
-                            "`{name}` is not an event field (one of {}, timestamp)",
-                            Field::names()
-                        ),
-                    );
-                }
-            }
-        }
-        for (i, slice) in self.analysis.slices.iter().enumerate() {
-            if slice.is_empty() {
-                e.add(
-                    format!("analysis.slices[{i}]"),
-                    "a slice names at least one field",
-                );
-            } else if self.analysis.slices[..i].contains(slice) {
-                e.add(
-                    format!("analysis.slices[{i}]"),
-                    "the same slice is listed twice",
-                );
-            }
-        }
-        if self.analysis.slices.is_empty() {
-            e.add("analysis.slices", "at least one slice is needed");
-        }
-        if window && !self.events.required().1 {
-            e.add("events.required", "must include \"timestamp\" in window mode (batch.mode = \"window\"): an event without a time has no window");
-        }
-        let level = &self.log.level;
-        if level.trim().is_empty() || tracing_subscriber::EnvFilter::try_new(level).is_err() {
-            e.add(
-                "log.level",
-                format!("`{level}` is not a level (error, warn, info, debug, trace) or filter"),
+        let mut f = Findings::default();
+        self.kafka.check(&mut f);
+        self.batch.check(&mut f);
+        self.analysis.check(&mut f);
+        self.events.check(&mut f);
+        self.metrics_log.check(&mut f);
+        self.log.check(&mut f);
+        self.telemetry.check(&mut f);
+        self.privacy.check(&mut f);
+        if self.batch.mode == BatchMode::Window && !self.events.required().1 {
+            f.add(
+                "events.required",
+                "must include \"timestamp\" in window mode (batch.mode = \"window\"): an event without a time has no window",
             );
         }
-        // Never echo the token: it is a secret.
-        if self
-            .telemetry
-            .token
-            .0
-            .chars()
-            .any(|c| c.is_whitespace() || c.is_control())
-        {
-            e.add("telemetry.token", "must not contain spaces or control characters (it travels in an Authorization header)");
-        }
-        let p = &self.privacy;
-        if !p.pseudonymize.is_empty() && p.key.is_empty() && p.key_file.is_none() {
-            e.add("privacy.key", "privacy.pseudonymize names fields but no key is set (privacy.key or privacy.key_file)");
+        for (key, message) in f.0 {
+            e.add(key, message);
         }
     }
 
@@ -634,14 +214,6 @@ impl Settings {
             .map(|l| l.replace(" = ", "=").replace('"', ""))
             .collect();
         pairs.join(" ")
-    }
-}
-
-/// How a value of an enum setting is written in configuration.
-pub fn name<T: Serialize>(value: &T) -> String {
-    match serde_json::to_value(value) {
-        Ok(Value::String(s)) => s,
-        _ => String::new(),
     }
 }
 
@@ -858,6 +430,8 @@ fn deserialize(mut tree: Value, e: &mut ConfigError) -> Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::event::Field;
+    use std::time::Duration;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs

@@ -14,7 +14,59 @@ use std::time::{Duration, Instant};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::core::event::ErrorKind;
-use crate::settings::{LogFormat, LogSettings};
+use serde::{Deserialize, Serialize};
+
+use crate::values::{Findings, Secret};
+
+/// `[log]`: how the process logs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// A tracing filter: a level or directives.
+    pub level: String,
+}
+
+crate::choice!(LogFormat { Text, Json });
+
+/// `[telemetry]`: the HTTP listener and the progress line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySettings {
+    /// `None` when the HTTP listener is disabled.
+    #[serde(with = "crate::values::optional")]
+    pub listen: Option<std::net::SocketAddr>,
+    #[serde(with = "humantime_serde")]
+    pub progress_interval: Duration,
+    /// Bearer token the dashboard (`/`, `/api/*`) requires; empty leaves it open.
+    pub token: Secret,
+}
+
+impl LogSettings {
+    pub fn check(&self, f: &mut Findings) {
+        let level = &self.level;
+        if level.trim().is_empty() || tracing_subscriber::EnvFilter::try_new(level).is_err() {
+            f.add(
+                "log.level",
+                format!("`{level}` is not a level (error, warn, info, debug, trace) or filter"),
+            );
+        }
+    }
+}
+
+impl TelemetrySettings {
+    pub fn check(&self, f: &mut Findings) {
+        f.positive("telemetry.progress_interval", self.progress_interval);
+        // Never echo the token: it is a secret.
+        let token = self.token.expose();
+        if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            f.add(
+                "telemetry.token",
+                "must not contain spaces or control characters (it travels in an Authorization header)",
+            );
+        }
+    }
+}
 
 pub const MESSAGES: &str = "login_metrics_messages_consumed_total";
 pub const EVENTS_VALID: &str = "login_metrics_events_valid_total";

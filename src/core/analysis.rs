@@ -372,6 +372,33 @@ fn analyze_slice(
     })
 }
 
+/// `[analysis]`: the slices counted and the rows reported.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnalysisSettings {
+    pub slices: Vec<Vec<Field>>,
+    pub top: usize,
+}
+
+impl AnalysisSettings {
+    pub fn check(&self, f: &mut crate::values::Findings) {
+        if self.slices.is_empty() {
+            f.add("analysis.slices", "at least one slice is needed");
+        }
+        for (i, slice) in self.slices.iter().enumerate() {
+            let key = format!("analysis.slices[{i}]");
+            let names: Vec<String> = slice.iter().map(|f| f.name().to_string()).collect();
+            f.names(&key, &names, &Field::names());
+            if slice.is_empty() {
+                f.add(key, "a slice names at least one field");
+            } else if self.slices[..i].contains(slice) {
+                f.add(key, "the same slice is listed twice");
+            }
+        }
+        f.bounded("analysis.top", self.top as u64, 1, crate::values::MAX_INT);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

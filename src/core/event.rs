@@ -614,6 +614,31 @@ impl<'de> Visitor<'de> for AnyVisitor {
     }
 }
 
+/// `[events]`: what a valid event must have.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventSettings {
+    /// Event fields that must be present and non-null, and `"timestamp"`.
+    pub required: Vec<String>,
+    /// Timestamps further than this ahead of the wall clock are `bad_timestamp`.
+    #[serde(with = "humantime_serde")]
+    pub max_future: std::time::Duration,
+}
+
+impl EventSettings {
+    /// The required event fields, and whether the timestamp is required.
+    pub fn required(&self) -> (Vec<Field>, bool) {
+        let fields = self.required.iter().filter_map(|n| Field::from_name(n));
+        let timestamp = self.required.iter().any(|n| n == "timestamp");
+        (fields.collect(), timestamp)
+    }
+
+    pub fn check(&self, f: &mut crate::values::Findings) {
+        let known = format!("{}, timestamp", Field::names());
+        f.names("events.required", &self.required, &known);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

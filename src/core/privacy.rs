@@ -81,6 +81,34 @@ impl Pseudonymizer {
     }
 }
 
+/// `[privacy]`: the fields replaced by pseudonyms, and the key.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacySettings {
+    pub pseudonymize: Vec<Field>,
+    /// The HMAC key: `privacy.key`, or else the contents of `privacy.key_file`.
+    pub key: crate::values::Secret,
+    #[serde(with = "crate::values::optional")]
+    pub key_file: Option<std::path::PathBuf>,
+}
+
+impl PrivacySettings {
+    pub fn check(&self, f: &mut crate::values::Findings) {
+        let names: Vec<String> = self
+            .pseudonymize
+            .iter()
+            .map(|f| f.name().to_string())
+            .collect();
+        f.names("privacy.pseudonymize", &names, &Field::names());
+        if !names.is_empty() && self.key.is_empty() && self.key_file.is_none() {
+            f.add(
+                "privacy.key",
+                "privacy.pseudonymize names fields but no key is set (privacy.key or privacy.key_file)",
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -265,6 +265,28 @@ impl Drop for MetricsLog {
     }
 }
 
+/// `[metrics_log]`: the local packet log and its rotation.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsLogSettings {
+    /// `None` when the metrics log is disabled.
+    #[serde(with = "crate::values::optional")]
+    pub path: Option<PathBuf>,
+    pub max_bytes: u64,
+    pub keep: usize,
+}
+
+/// The most rotated files kept.
+const MAX_KEEP: u64 = 1000;
+
+impl MetricsLogSettings {
+    pub fn check(&self, f: &mut crate::values::Findings) {
+        let max = crate::values::MAX_INT;
+        f.bounded("metrics_log.max_bytes", self.max_bytes, 1, max);
+        f.bounded("metrics_log.keep", self.keep as u64, 0, MAX_KEEP);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,6 +7,7 @@
 //! tests drive time by hand.
 
 pub mod arrival;
+pub mod settings;
 pub mod window;
 
 use std::time::Instant;
