@@ -129,50 +129,63 @@ impl KafkaSettings {
 }
 
 /// What every client shares: the brokers, a client id and `kafka.client`.
-fn common(k: &KafkaSettings, client_id: &str) -> ClientConfig {
+/// A client's configuration, later layers winning: the service's
+/// `defaults`, `kafka.client`, the client's own `table`, then the `fixed`
+/// properties its guarantees rest on (refused in the configuration).
+fn layered(
+    k: &KafkaSettings,
+    defaults: &[(&str, String)],
+    table: &Properties,
+    fixed: &[(&str, &str)],
+) -> ClientConfig {
     let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &k.bootstrap_servers)
-        .set("client.id", client_id);
-    for (key, value) in k.client.iter() {
+    c.set("client.id", "login-metrics");
+    for (key, value) in defaults {
+        c.set(*key, value);
+    }
+    for (key, value) in k.client.iter().chain(table.iter()) {
         c.set(key, value);
+    }
+    c.set("bootstrap.servers", &k.bootstrap_servers);
+    for (key, value) in fixed {
+        c.set(*key, *value);
     }
     c
 }
 
 /// The input consumer: manual offset storage and commits.
 pub fn consumer(k: &KafkaSettings) -> ClientConfig {
-    let mut c = common(k, "login-metrics");
-    c.set("auto.offset.reset", name(&k.auto_offset_reset))
-        .set("enable.partition.eof", "false")
-        .set("statistics.interval.ms", "5000")
+    let defaults = [
+        ("auto.offset.reset", name(&k.auto_offset_reset)),
+        ("enable.partition.eof", "false".into()),
+        ("statistics.interval.ms", "5000".into()),
         // Larger fetches keep the consumer ahead of the analysis.
-        .set("fetch.wait.max.ms", "100")
-        .set("queued.min.messages", "200000")
-        .set("fetch.queue.backoff.ms", "100");
-    for (key, value) in k.consumer.iter() {
-        c.set(key, value);
-    }
-    c.set("group.id", &k.group_id)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false");
+        ("fetch.wait.max.ms", "100".into()),
+        ("queued.min.messages", "200000".into()),
+        ("fetch.queue.backoff.ms", "100".into()),
+    ];
+    let fixed = [
+        ("group.id", k.group_id.as_str()),
+        ("enable.auto.commit", "false"),
+        ("enable.auto.offset.store", "false"),
+    ];
+    let mut c = layered(k, &defaults, &k.consumer, &fixed);
     c.set_log_level(RDKafkaLogLevel::Warning);
     c
 }
 
 /// The producer of packets and dead letters: idempotent, acks=all.
 pub fn producer(k: &KafkaSettings) -> ClientConfig {
-    let mut c = common(k, "login-metrics");
-    c.set("compression.type", name(&k.compression))
-        .set(
+    let defaults = [
+        ("compression.type", name(&k.compression)),
+        (
             "message.timeout.ms",
             k.delivery_timeout.as_millis().to_string(),
-        )
-        .set("linger.ms", "5");
-    for (key, value) in k.producer.iter() {
-        c.set(key, value);
-    }
-    c.set("enable.idempotence", "true").set("acks", "all");
-    c
+        ),
+        ("linger.ms", "5".into()),
+    ];
+    let fixed = [("enable.idempotence", "true"), ("acks", "all")];
+    layered(k, &defaults, &k.producer, &fixed)
 }
 
 /// The admin client (topic checks and creation): the producer's properties,
@@ -219,11 +232,18 @@ pub fn refusal(error: &KafkaError, reason: &str) -> Option<String> {
              (LOGIN_METRICS__KAFKA__CLIENT__SASL_PASSWORD)"
             ))
         }
-        Some(RDKafkaErrorCode::SSL) => Some(format!(
-            "the TLS handshake with the brokers failed ({text}): check \
+        // Only a certificate the CA does not vouch for: a handshake cut
+        // short by a restarting broker is reported as SSL too, and passes.
+        Some(RDKafkaErrorCode::SSL)
+            if text.contains("certificate verify failed")
+                || text.contains("verify that ssl.ca.location") =>
+        {
+            Some(format!(
+                "the TLS handshake with the brokers failed ({text}): check \
              kafka.client.ssl.ca.location (the CA that signed the brokers' certificates) \
              and kafka.client.security.protocol"
-        )),
+            ))
+        }
         _ => None,
     }
 }
@@ -328,4 +348,48 @@ impl rdkafka::consumer::ConsumerContext for KafkaContext {}
 impl rdkafka::producer::ProducerContext for KafkaContext {
     type DeliveryOpaque = ();
     fn delivery(&self, _: &rdkafka::producer::DeliveryResult<'_>, _: ()) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::settings::Settings;
+
+    fn settings(env: &[(&str, &str)]) -> Settings {
+        let env = env
+            .iter()
+            .map(|(k, v)| (format!("LOGIN_METRICS__{k}"), v.to_string()));
+        Settings::load_with_env(None, env).unwrap()
+    }
+
+    #[test]
+    fn kafka_client_reaches_every_client_over_the_services_defaults() {
+        let s = settings(&[
+            ("KAFKA__CLIENT__SECURITY_PROTOCOL", "SASL_SSL"),
+            ("KAFKA__CLIENT__LINGER_MS", "50"),
+            ("KAFKA__CLIENT__FETCH_WAIT_MAX_MS", "250"),
+            ("KAFKA__PRODUCER__LINGER_MS", "20"),
+        ]);
+        let k = &s.kafka;
+        for (name, c) in [
+            ("consumer", consumer(k)),
+            ("producer", producer(k)),
+            ("admin", admin(k)),
+            ("checkpoint writer", checkpoint_writer(k)),
+            ("checkpoint reader", checkpoint_reader(k)),
+        ] {
+            assert_eq!(c.get("security.protocol"), Some("SASL_SSL"), "{name}");
+            assert_eq!(
+                c.get("bootstrap.servers"),
+                Some(k.bootstrap_servers.as_str())
+            );
+        }
+        // kafka.client over the service's defaults, the client's own table over it.
+        assert_eq!(consumer(k).get("fetch.wait.max.ms"), Some("250"));
+        assert_eq!(producer(k).get("linger.ms"), Some("20"));
+        // What the guarantees rest on stays.
+        assert_eq!(consumer(k).get("enable.auto.commit"), Some("false"));
+        assert_eq!(producer(k).get("acks"), Some("all"));
+        assert_eq!(checkpoint_writer(k).get("linger.ms"), Some("0"));
+    }
 }

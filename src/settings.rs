@@ -205,15 +205,26 @@ impl Settings {
         toml::to_string_pretty(self).expect("settings as TOML")
     }
 
-    /// The effective configuration on one line, `key=value` for each key,
-    /// secrets redacted: for the start-up log.
+    /// The effective configuration on one line, `section.key=value` for
+    /// each key (lists as JSON), secrets redacted: for the start-up log.
     pub fn redacted_summary(&self) -> String {
-        let toml = self.redacted_toml();
-        let pairs = toml.lines().filter(|l| l.contains(" = "));
-        let pairs: Vec<String> = pairs
-            .map(|l| l.replace(" = ", "=").replace('"', ""))
-            .collect();
-        pairs.join(" ")
+        fn flatten(prefix: &str, v: &Value, out: &mut Vec<String>) {
+            match v {
+                Value::Object(map) => map.iter().for_each(|(k, v)| {
+                    let key = match prefix {
+                        "" => k.clone(),
+                        _ => format!("{prefix}.{k}"),
+                    };
+                    flatten(&key, v, out)
+                }),
+                Value::String(s) => out.push(format!("{prefix}={s}")),
+                other => out.push(format!("{prefix}={other}")),
+            }
+        }
+        let mut out = Vec::new();
+        let value = serde_json::to_value(self).expect("settings serialize");
+        flatten("", &value, &mut out);
+        out.join(" ")
     }
 }
 
@@ -358,6 +369,15 @@ fn coerce(value: &mut Value, default: &Value) {
         }
         (v @ (Value::Number(_) | Value::Bool(_)), Value::String(_)) => {
             *v = Value::String(v.to_string())
+        }
+        // Surrounding spaces are never meant: a group id, a topic or a key
+        // with a trailing newline from a secret file would be another one.
+        (Value::String(s), Value::String(_)) => *s = s.trim().to_string(),
+        (Value::Array(items), Value::Array(d)) => {
+            let item = d.first().cloned().unwrap_or(Value::String(String::new()));
+            for v in items {
+                coerce(v, &item);
+            }
         }
         _ => {}
     }
@@ -742,5 +762,47 @@ mod tests {
             .redacted_toml();
         std::fs::write(&path, unredacted).unwrap();
         Settings::load_with_env(Some(&path), env(&[])).unwrap();
+    }
+
+    #[test]
+    fn values_are_trimmed_and_enum_settings_read_whatever_the_case() {
+        let s = Settings::load_with_env(
+            None,
+            env(&[
+                ("LOGIN_METRICS__KAFKA__GROUP_ID", "login-metrics \n"),
+                ("LOGIN_METRICS__PRIVACY__PSEUDONYMIZE", " ip "),
+                ("LOGIN_METRICS__PRIVACY__KEY", "k\n"),
+                ("LOGIN_METRICS__BATCH__MODE", " Arrival"),
+                ("LOGIN_METRICS__LOG__FORMAT", "JSON"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.kafka.group_id, "login-metrics");
+        assert_eq!(s.privacy.key.expose(), "k");
+        assert_eq!(s.privacy.pseudonymize, vec![Field::Ip]);
+        assert_eq!(s.batch.mode, BatchMode::Arrival);
+        assert_eq!(s.log.format, LogFormat::Json);
+        let err = Settings::load_with_env(None, env(&[("LOGIN_METRICS__BATCH__MODE", "windw")]))
+            .unwrap_err();
+        assert_eq!(keys(err.clone()), vec!["batch.mode"]);
+        assert!(
+            err.to_string().contains("is not one of: window, arrival"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_summary_names_each_key_with_its_section_and_lists_whole() {
+        let s = Settings::load_with_env(None, env(&[])).unwrap();
+        let line = s.redacted_summary();
+        assert!(line.contains("kafka.group_id=login-metrics"), "{line}");
+        assert!(
+            line.contains(r#"events.required=["user_id","timestamp"]"#),
+            "{line}"
+        );
+        assert!(
+            line.contains(r#"analysis.slices=[["ip"],["user_id","ip"]"#),
+            "{line}"
+        );
     }
 }

@@ -10,14 +10,31 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// An enum setting, written in lowercase.
+/// An enum setting, written in lowercase and read whatever the case, with
+/// surrounding spaces ignored.
 #[macro_export]
 macro_rules! choice {
     ($(#[$doc:meta])* $name:ident { $($variant:ident),+ }) => {
         $(#[$doc])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
         #[serde(rename_all = "lowercase")]
         pub enum $name { $($variant),+ }
+
+        impl<'de> serde::Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                const ALL: &[$name] = &[$($name::$variant),+];
+                let text = <String as serde::Deserialize>::deserialize(d)?;
+                let wanted = text.trim().to_lowercase();
+                let names = || ALL.iter().map($crate::values::name);
+                match ALL.iter().find(|v| $crate::values::name(*v) == wanted) {
+                    Some(v) => Ok(*v),
+                    None => Err(serde::de::Error::custom(format!(
+                        "`{text}` is not one of: {}",
+                        names().collect::<Vec<_>>().join(", ")
+                    ))),
+                }
+            }
+        }
     };
 }
 

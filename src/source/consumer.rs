@@ -466,7 +466,7 @@ impl Driver {
         until: Option<Instant>,
     ) -> bool {
         if self.ledger.failure().is_none() {
-            if let Some(work) = self.grouping.close(reason, now) {
+            for work in self.grouping.close(reason, now) {
                 self.push_ready(work);
             }
         }

@@ -1,6 +1,6 @@
 //! Observability: /metrics counters equal what a run on the mock cluster did,
 //! and /healthz and /readyz answer as specified before, during and after the run.
-//! (One test in its own binary: the Prometheus recorder is process-wide.)
+//! (The only pipeline run in its test binary: the Prometheus recorder is process-wide.)
 
 use std::time::{Duration, Instant};
 

@@ -51,8 +51,9 @@ pub trait Grouping: Send {
 
     /// Before a revocation or at shutdown: hands over what must not wait
     /// (an arrival batch closed for `reason`; a window's pending dead
-    /// letters, never an open window, whose offsets stay uncommitted).
-    fn close(&mut self, reason: CloseReason, now: Instant) -> Option<Work>;
+    /// letters, never an open window, whose offsets stay uncommitted), in
+    /// order, after any work not yet taken.
+    fn close(&mut self, reason: CloseReason, now: Instant) -> Vec<Work>;
 
     /// After a revocation: forgets every partition's state.
     fn reset(&mut self);
@@ -119,8 +120,9 @@ impl Grouping for Arrival {
         self.closed.drain(..).map(Work::from_arrival).collect()
     }
 
-    fn close(&mut self, reason: CloseReason, _: Instant) -> Option<Work> {
-        self.batcher.close(reason).map(Work::from_arrival)
+    fn close(&mut self, reason: CloseReason, _: Instant) -> Vec<Work> {
+        self.closed.extend(self.batcher.close(reason));
+        self.closed.drain(..).map(Work::from_arrival).collect()
     }
 
     fn reset(&mut self) {}
@@ -168,8 +170,10 @@ impl Grouping for window::Windower {
             .collect()
     }
 
-    fn close(&mut self, _: CloseReason, now: Instant) -> Option<Work> {
+    fn close(&mut self, _: CloseReason, now: Instant) -> Vec<Work> {
         window::Windower::take_work(self, now, true)
+            .into_iter()
+            .collect()
     }
 
     fn reset(&mut self) {
