@@ -1,6 +1,7 @@
 //! Throughput benches (events per second): parsing, arrival batching and
 //! event-time windowing, batch analysis at four
-//! batch sizes, the in-process analysis core (parse, batch, analyze, encode),
+//! batch sizes, small batches analysed one job each or together, the
+//! in-process analysis core (parse, batch, analyze, encode),
 //! packet building, and the whole pipeline over librdkafka's mock cluster.
 //! Data comes from the generator; setup stays out of the timed part.
 
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use login_metrics::commands::generator::{Generator, GeneratorConfig};
-use login_metrics::core::analysis::analyze;
+use login_metrics::core::analysis::{analyze, analyze_many};
 use login_metrics::core::event::{parse, parse_with_serde, Field, Requirements};
 use login_metrics::core::grouping::arrival::{Batcher, Limits};
 use login_metrics::core::grouping::window::{LatePolicy, WindowConfig, Windower};
@@ -152,6 +153,34 @@ fn bench_analysis(c: &mut Criterion) {
     g.finish();
 }
 
+fn bench_analysis_jobs(c: &mut Criterion) {
+    // The same 100,000 events as one batch, and as twenty batches of 5,000 (a
+    // backlog of one-second windows) analysed one job each or in one job.
+    let slices = defaults().analysis.slices;
+    let data = payloads(100_000, 2);
+    let whole = batch_of(&data).columns;
+    let small: Vec<Columns> = data.chunks(5_000).map(|c| batch_of(c).columns).collect();
+    let small_refs: Vec<&Columns> = small.iter().collect();
+    let mut g = c.benchmark_group("analysis jobs");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(data.len() as u64));
+    g.bench_function("1 x 100k", |b| {
+        b.iter(|| analyze(black_box(&whole), &slices, 100).unwrap())
+    });
+    g.bench_function("20 x 5k, a job each", |b| {
+        b.iter(|| {
+            small
+                .iter()
+                .map(|cols| analyze(black_box(cols), &slices, 100).unwrap().len())
+                .sum::<usize>()
+        })
+    });
+    g.bench_function("20 x 5k, one job", |b| {
+        b.iter(|| analyze_many(black_box(&small_refs), &slices, 100).unwrap())
+    });
+    g.finish();
+}
+
 fn bench_core(c: &mut Criterion) {
     // The in-process analysis core at 100k-event batches: parse into the
     // batcher, analyze with Polars, build and encode the packet.
@@ -276,6 +305,7 @@ criterion_group!(
     bench_parse,
     bench_batch,
     bench_analysis,
+    bench_analysis_jobs,
     bench_core,
     bench_packet,
     bench_pipeline

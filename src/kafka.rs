@@ -162,6 +162,11 @@ pub fn consumer(k: &KafkaSettings) -> ClientConfig {
         // Larger fetches keep the consumer ahead of the analysis.
         ("fetch.wait.max.ms", "100".into()),
         ("queued.min.messages", "200000".into()),
+        // Each partition has a prefetch queue of its own (source::fetch), and
+        // these limits apply per queue: 16 MiB keeps a partition ahead of
+        // the consumer, while a held partition (window alignment, delivery
+        // behind) can hold no more than that however many partitions.
+        ("queued.max.messages.kbytes", "16384".into()),
         ("fetch.queue.backoff.ms", "100".into()),
     ];
     let fixed = [
@@ -348,6 +353,30 @@ impl rdkafka::consumer::ConsumerContext for KafkaContext {}
 impl rdkafka::producer::ProducerContext for KafkaContext {
     type DeliveryOpaque = ();
     fn delivery(&self, _: &rdkafka::producer::DeliveryResult<'_>, _: ()) {}
+}
+
+/// The high watermark librdkafka last saw for a partition, from its fetch
+/// responses (no request is made); `None` before the first.
+pub fn cached_high_watermark<C: rdkafka::client::ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    topic: &str,
+    partition: i32,
+) -> Option<i64> {
+    let topic = std::ffi::CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: a live client handle, a NUL-terminated topic name and two
+    // valid out-pointers; librdkafka only reads its own cached state.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            client.native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
+        .then_some(high)
 }
 
 #[cfg(test)]

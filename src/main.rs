@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use login_metrics::commands::{self, demo, generate, tail};
 use login_metrics::settings::Settings;
+use login_metrics::source::range;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -26,6 +27,20 @@ enum Command {
         /// A TOML file layered over the defaults.
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Stop at the end of the input as it is now: publish every window,
+        /// commit and exit 0.
+        #[arg(long, conflicts_with = "until")]
+        until_end: bool,
+        /// Stop before the first record with a timestamp at or after TIME
+        /// (RFC 3339 or epoch milliseconds), publish every window, commit,
+        /// exit 0.
+        #[arg(long, value_name = "TIME", value_parser = range::parse_time)]
+        until: Option<i64>,
+        /// Start at the first record at or after TIME, for a consumer group
+        /// without committed offsets (reprocessing); with --until or
+        /// --until-end (else it reads to the end).
+        #[arg(long, value_name = "TIME", value_parser = range::parse_time)]
+        from: Option<i64>,
     },
     /// Run the whole pipeline on an in-process mock Kafka cluster and print a summary.
     Demo {
@@ -99,9 +114,12 @@ enum Command {
         config: Option<PathBuf>,
     },
     /// Exit 0 when the service's /healthz answers (for container health checks).
+    /// Without --url it asks the listener that telemetry.listen configures.
     Health {
-        #[arg(long, default_value = "http://127.0.0.1:9464/healthz")]
-        url: String,
+        #[arg(long)]
+        url: Option<String>,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
     /// Print the pseudonym of each value with the configured privacy key.
     Pseudonym {
@@ -181,11 +199,39 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, ExitCode> {
             };
             tail::run(path, tail::Options { json, follow }, stop).await
         }
-        Command::Health { url } => commands::health::run(&url),
+        Command::Health { url, config } => {
+            let url = match url {
+                Some(url) => url,
+                None => match commands::health::url_of(load(config.as_ref())?.telemetry.listen) {
+                    Ok(url) => url,
+                    Err(e) => {
+                        eprintln!("login-metrics health: {e}");
+                        return Ok(ExitCode::from(2));
+                    }
+                },
+            };
+            commands::health::run(&url)
+        }
         Command::Pseudonym { values, config } => {
             commands::pseudonym::run(&load(config.as_ref())?, &values)
         }
-        Command::Run { config } => commands::run::run(load(config.as_ref())?, signals()).await,
+        Command::Run {
+            config,
+            until_end,
+            until,
+            from,
+        } => {
+            let range = match (until_end, until, from) {
+                (false, None, None) => None,
+                (_, Some(ms), _) => Some(range::Until::Time(ms)),
+                (_, None, _) => Some(range::Until::End),
+            }
+            .map(|until| range::Range {
+                from_ms: from,
+                until,
+            });
+            commands::run::run(load(config.as_ref())?, range, signals()).await
+        }
         Command::Demo {
             events,
             seed,

@@ -33,6 +33,7 @@ use crate::sink::delivery::{Ack, Delivery, PacketHook};
 use crate::sink::metrics_log::MetricsLog;
 use crate::sink::publisher::{self as sink, Publisher};
 use crate::source::consumer::{self as source, Bounds, Driver};
+use crate::source::range::{self, Bound, Range};
 pub use crate::telemetry::Progress;
 use crate::telemetry::{Health, LogLimit};
 use crate::work::Work;
@@ -88,6 +89,7 @@ pub struct Pipeline {
     health: Arc<Health>,
     on_packet: Option<PacketHook>,
     log_progress: bool,
+    range: Option<Range>,
 }
 
 impl Pipeline {
@@ -98,7 +100,16 @@ impl Pipeline {
             health: Arc::default(),
             on_packet: None,
             log_progress: false,
+            range: None,
         }
+    }
+
+    /// Makes the run bounded: it reads `range` ([`crate::source::range`]),
+    /// publishes every window (the last ones closed by `end`), commits and
+    /// returns.
+    pub fn bounded(mut self, range: Range) -> Pipeline {
+        self.range = Some(range);
+        self
     }
 
     pub fn progress(&self) -> Arc<Progress> {
@@ -192,6 +203,10 @@ impl Pipeline {
             self.progress.clone(),
             checkpoints,
         );
+        let driver = match self.range {
+            Some(r) => driver.bounded(self.read_range(r).await?),
+            None => driver,
+        };
 
         let identity = Identity::new(
             &s.kafka.group_id,
@@ -252,6 +267,34 @@ impl Pipeline {
             duration: started.elapsed(),
             since_assignment: p.first_assigned.get().map(Instant::elapsed),
         })
+    }
+}
+
+impl Pipeline {
+    /// The range's end offsets, after committing its start for `--from`; the
+    /// messages it holds from the group's committed offsets on go to
+    /// [`Progress::range_total`] for progress displays.
+    async fn read_range(&self, r: Range) -> anyhow::Result<Bound> {
+        const TIMEOUT: Duration = Duration::from_secs(30);
+        let k = self.settings.kafka.clone();
+        let (bound, total) =
+            tokio::task::spawn_blocking(move || -> anyhow::Result<(Bound, u64)> {
+                if let Some(ms) = r.from_ms {
+                    range::start_at(&k, ms, TIMEOUT)?;
+                }
+                let end = range::end_offsets(&k, r.until, TIMEOUT)?;
+                let start = range::committed(&k, TIMEOUT)?;
+                let bound = Bound::new(end);
+                let total = bound.remaining(&start);
+                Ok((bound, total))
+            })
+            .await??;
+        info!(
+            messages = total,
+            "bounded run: reading the range, then stopping"
+        );
+        self.progress.range_total.store(total, Ordering::Relaxed);
+        Ok(bound)
     }
 }
 

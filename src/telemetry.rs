@@ -40,6 +40,15 @@ pub struct TelemetrySettings {
     pub progress_interval: Duration,
     /// Bearer token the dashboard (`/`, `/api/*`) requires; empty leaves it open.
     pub token: Secret,
+    /// Without a token: the `Host` names (besides IP addresses) the dashboard
+    /// answers; `*` for any.
+    pub allowed_hosts: Vec<String>,
+    /// Connections the listener serves at once.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers (and the longest idle
+    /// time of a kept-alive connection).
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
 }
 
 impl LogSettings {
@@ -57,6 +66,24 @@ impl LogSettings {
 impl TelemetrySettings {
     pub fn check(&self, f: &mut Findings) {
         f.positive("telemetry.progress_interval", self.progress_interval);
+        f.positive("telemetry.header_timeout", self.header_timeout);
+        if self.max_connections == 0 {
+            f.add("telemetry.max_connections", "must be at least 1");
+        }
+        for host in &self.allowed_hosts {
+            let h = host.trim();
+            if h.is_empty()
+                || (h != "*"
+                    && !h
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.'))
+            {
+                f.add(
+                    "telemetry.allowed_hosts",
+                    format!("`{host}` is not a host name (letters, digits, `-` and `.`), or `*`"),
+                );
+            }
+        }
         // Never echo the token: it is a secret.
         let token = self.token.expose();
         if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
@@ -69,6 +96,8 @@ impl TelemetrySettings {
 }
 
 pub const MESSAGES: &str = "login_metrics_messages_consumed_total";
+pub const HTTP_CONNECTIONS: &str = "login_metrics_http_connections";
+pub const HTTP_REFUSED: &str = "login_metrics_http_connections_refused_total";
 pub const EVENTS_VALID: &str = "login_metrics_events_valid_total";
 pub const EVENTS_INVALID: &str = "login_metrics_events_invalid_total";
 pub const DEAD_LETTERS: &str = "login_metrics_dead_letters_total";
@@ -112,15 +141,42 @@ pub struct Progress {
     pub committed_messages: AtomicU64,
     /// Window mode: windows open now.
     pub open_windows: AtomicU64,
-    /// Total consumer lag from the latest librdkafka statistics.
+    /// Total consumer lag: the sum of [`Progress::set_lag`]'s partitions.
     pub lag: AtomicI64,
+    /// Each partition's lag, from librdkafka's statistics and after each
+    /// commit (statistics come every few seconds; a commit to the end must
+    /// read 0 at once, and stay 0 after the run).
+    lags: std::sync::Mutex<std::collections::BTreeMap<(String, i32), i64>>,
     /// When partitions were first assigned (the group join is over).
     pub first_assigned: OnceLock<Instant>,
     /// Revocations that gave up work not delivered and committed in time.
     pub revocations_given_up: AtomicU64,
+    /// A bounded run: the messages of its range from the committed offsets
+    /// on (0 for a run without end).
+    pub range_total: AtomicU64,
 }
 
 impl Progress {
+    /// Records a partition's consumer lag: its gauge and the total.
+    pub fn set_lag(&self, topic: &str, partition: i32, lag: i64) {
+        let lag = lag.max(0);
+        metrics::gauge!(CONSUMER_LAG, "topic" => topic.to_string(), "partition" => partition.to_string())
+            .set(lag as f64);
+        let mut lags = self.lags.lock().unwrap_or_else(|e| e.into_inner());
+        lags.insert((topic.to_string(), partition), lag);
+        self.lag.store(lags.values().sum(), Ordering::Relaxed);
+    }
+
+    /// Forgets a partition this process no longer reads (its gauge reads 0:
+    /// another instance reports it now).
+    pub fn forget_lag(&self, topic: &str, partition: i32) {
+        metrics::gauge!(CONSUMER_LAG, "topic" => topic.to_string(), "partition" => partition.to_string())
+            .set(0.0);
+        let mut lags = self.lags.lock().unwrap_or_else(|e| e.into_inner());
+        lags.remove(&(topic.to_string(), partition));
+        self.lag.store(lags.values().sum(), Ordering::Relaxed);
+    }
+
     pub(crate) fn count_invalid(&self, kind: ErrorKind) {
         self.invalid.fetch_add(1, Ordering::Relaxed);
         if let Some(c) = self.invalid_by_kind.get(kind as usize) {
@@ -189,6 +245,7 @@ pub fn prometheus() -> PrometheusHandle {
                 .install_recorder()
                 .expect("no other metrics recorder is installed");
             describe();
+            initialise();
             metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
             handle
         })
@@ -277,6 +334,48 @@ fn describe() {
         "Window mode: the watermark (every active partition's event time minus grace), epoch seconds."
     );
     describe_gauge!(BUILD_INFO, "Always 1; the version label names the build.");
+}
+
+/// Registers the counters and gauges at their starting values, so that every
+/// series exists from the first scrape: `rate()` and `increase()` see a
+/// failure's first increment, and a rule on a rare event (a failed delivery, a
+/// failed append to the metrics log, a late event) has a series to watch
+/// before it ever happens. Labelled series start for every label value known
+/// in advance (each parser error kind); the consumer lag's partitions are
+/// known only once assigned. The watermark is NaN (unknown) until the first
+/// one, and stays so in arrival mode, which has none.
+fn initialise() {
+    for name in [
+        MESSAGES,
+        EVENTS_VALID,
+        DEAD_LETTERS,
+        PACKETS,
+        PACKET_BYTES,
+        DELIVERY_FAILURES,
+        COMMITS,
+        COMMIT_FAILURES,
+        CHECKPOINT_FAILURES,
+        METRICS_LOG_FAILURES,
+        COMMITTED,
+        EVENTS_LATE,
+        EVENTS_REPLAYED,
+        REVOCATIONS_GIVEN_UP,
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    for kind in ErrorKind::ALL {
+        metrics::counter!(EVENTS_INVALID, "kind" => kind.as_str()).increment(0);
+    }
+    for name in [
+        WINDOWS_OPEN,
+        EVENTS_BUFFERED,
+        PARTITIONS_PAUSED,
+        CONSUMPTION_HELD,
+        UPTIME,
+    ] {
+        metrics::gauge!(name).set(0.0);
+    }
+    metrics::gauge!(WATERMARK).set(f64::NAN);
 }
 
 /// Lets a burst of log lines through per window and counts the rest, so a

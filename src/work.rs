@@ -24,16 +24,20 @@ pub enum CloseReason {
     Rebalance,
     /// Window mode: every partition's progress passed the window's end.
     Watermark,
+    /// A bounded run read its whole range: nothing more can arrive for the
+    /// windows (or batch) still open.
+    End,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 6] = [
+    pub const ALL: [CloseReason; 7] = [
         CloseReason::Count,
         CloseReason::Span,
         CloseReason::Wait,
         CloseReason::Shutdown,
         CloseReason::Rebalance,
         CloseReason::Watermark,
+        CloseReason::End,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -44,6 +48,7 @@ impl CloseReason {
             CloseReason::Shutdown => "shutdown",
             CloseReason::Rebalance => "rebalance",
             CloseReason::Watermark => "watermark",
+            CloseReason::End => "end",
         }
     }
 }

@@ -16,7 +16,8 @@ use crate::commands::generate::{produce_generated, Meter};
 use crate::commands::generator::{Generator, GeneratorConfig};
 use crate::core::packet::Packet;
 use crate::pipeline::{Pipeline, RunSummary};
-use crate::settings::{BatchMode, Settings};
+use crate::settings::Settings;
+use crate::source::range::{Range, Until};
 use crate::telemetry;
 use crate::web::dashboard::Dashboard;
 use crate::web::server;
@@ -80,7 +81,13 @@ async fn serve_demo_dashboard(
         .telemetry
         .listen
         .unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
-    let bound = server::serve_with(addr, dashboard.health(), Some(dashboard.router()), stop)
+    let bound = server::serve_with(
+        addr,
+        dashboard.health(),
+        Some(dashboard.router()),
+        server::Limits::of(&s.telemetry),
+        stop,
+    )
         .await
         .with_context(|| {
             format!("cannot serve the dashboard on {addr} (telemetry.listen; LOGIN_METRICS__TELEMETRY__LISTEN=127.0.0.1:0 picks a free port)")
@@ -268,47 +275,40 @@ pub async fn run_demo(
         .as_ref()
         .map(|p| p.display().to_string());
     let dlq_topic = settings.kafka.dlq_topic.clone();
-    let (mode, max_wait) = (settings.batch.mode, settings.batch.max_wait);
-    let mut pipeline = Pipeline::new(settings).on_packet(move |p| top_hook.lock().unwrap().add(p));
+    // A bounded run: it reads what was produced, closes the last windows
+    // (closed by `end`) as soon as the input is read, commits and returns.
+    let mut pipeline = Pipeline::new(settings)
+        .bounded(Range {
+            from_ms: None,
+            until: Until::End,
+        })
+        .on_packet(move |p| top_hook.lock().unwrap().add(p));
     if let Some(d) = dashboard {
         pipeline = d.watch(pipeline);
     }
     let progress = pipeline.progress();
 
-    // Arrival mode stops once every produced event has been consumed (shutdown
-    // closes the last batch, delivers and commits it). Window mode stops once
-    // every offset is committed: the last windows close by batch.max_wait.
-    let windows = mode == BatchMode::Window;
-    if windows {
-        info!(
-            wait = %humantime::format_duration(max_wait),
-            "the last windows close batch.max_wait after their first event"
-        );
-    }
-    let shutdown = CancellationToken::new();
+    let done = CancellationToken::new();
     let watcher = {
-        let shutdown = shutdown.clone();
+        let done = done.clone();
         tokio::spawn(async move {
             let mut meter = Meter::new("processed", Some(produced));
             loop {
-                let seen = progress.messages.load(Ordering::Relaxed);
-                meter.set(seen);
-                let done = if windows {
-                    progress.committed_messages.load(Ordering::Relaxed) >= produced
-                } else {
-                    seen >= produced
-                };
-                if done || interrupt.is_cancelled() {
-                    meter.finish();
-                    shutdown.cancel();
-                    return;
+                meter.set(progress.messages.load(Ordering::Relaxed));
+                tokio::select! {
+                    _ = done.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
                 }
-                tokio::time::sleep(Duration::from_millis(50)).await;
             }
+            meter.set(progress.messages.load(Ordering::Relaxed));
+            meter.finish();
         })
     };
-    let summary = pipeline.run(shutdown).await?;
+    // A signal stops the run early; otherwise it ends with its range.
+    let summary = pipeline.run(interrupt.clone()).await;
+    done.cancel();
     let _ = watcher.await;
+    let summary = summary?;
     drop(cluster);
     let top = std::mem::take(&mut *top.lock().unwrap());
     Ok(DemoReport {

@@ -130,6 +130,16 @@ impl Meter {
     fn line(&self) -> String {
         let rate = self.done as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
         match self.total {
+            Some(n) if rate > 0.0 && self.done < n => format!(
+                "{}: {}/{} ({:.0}/s, about {} left)",
+                self.label,
+                self.done,
+                n,
+                rate,
+                humantime::format_duration(Duration::from_secs(
+                    ((n - self.done) as f64 / rate) as u64
+                ))
+            ),
             Some(n) => format!("{}: {}/{} ({:.0}/s)", self.label, self.done, n, rate),
             None => format!("{}: {} ({:.0}/s)", self.label, self.done, rate),
         }

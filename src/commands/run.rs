@@ -1,21 +1,34 @@
 //! `run`: the service against a real Kafka, with its web surface, until a
-//! signal or an error that stops it.
+//! signal or an error that stops it, or, for a bounded run, until its range
+//! is read (with a progress bar on a terminal, a line every few seconds
+//! otherwise).
 
 use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::commands::generate::Meter;
 use crate::pipeline::Pipeline;
 use crate::settings::Settings;
+use crate::source::range::Range;
 use crate::telemetry;
+use crate::telemetry::Progress;
 use crate::web::dashboard::Dashboard;
 use crate::web::server;
 
-pub async fn run(s: Settings, shutdown: CancellationToken) -> ExitCode {
+pub async fn run(s: Settings, range: Option<Range>, shutdown: CancellationToken) -> ExitCode {
     telemetry::init_logging(&s.log);
     info!(version = env!("CARGO_PKG_VERSION"), config = %s.redacted_summary(), "starting");
-    let mut pipeline = Pipeline::new(s.clone()).log_progress(true);
+    let mut pipeline = Pipeline::new(s.clone()).log_progress(range.is_none());
+    let meter_stop = CancellationToken::new();
+    if let Some(range) = range {
+        pipeline = pipeline.bounded(range);
+        tokio::spawn(show_progress(pipeline.progress(), meter_stop.clone()));
+    }
     if let Some(addr) = s.telemetry.listen {
         let dashboard = Dashboard::new(&s);
         pipeline = dashboard.watch(pipeline);
@@ -23,13 +36,22 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> ExitCode {
             warn!("{warning}");
         }
         let routes = Some(dashboard.router());
-        if let Err(e) = server::serve_with(addr, pipeline.health(), routes, shutdown.clone()).await
+        if let Err(e) = server::serve_with(
+            addr,
+            pipeline.health(),
+            routes,
+            server::Limits::of(&s.telemetry),
+            shutdown.clone(),
+        )
+        .await
         {
             error!(error = %e, "telemetry.listen: cannot listen on {addr}");
             return ExitCode::from(2);
         }
     }
-    match pipeline.run(shutdown).await {
+    let outcome = pipeline.run(shutdown).await;
+    meter_stop.cancel();
+    match outcome {
         Ok(summary) => {
             info!(
                 events = summary.messages,
@@ -48,4 +70,28 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A bounded run's progress: messages read of the range, rate, time left.
+async fn show_progress(progress: Arc<Progress>, stop: CancellationToken) {
+    let total = loop {
+        let total = progress.range_total.load(Ordering::Relaxed);
+        if total > 0 {
+            break total;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+    };
+    let mut meter = Meter::new("read", Some(total));
+    loop {
+        meter.set(progress.messages.load(Ordering::Relaxed).min(total));
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+    meter.set(progress.messages.load(Ordering::Relaxed).min(total));
+    meter.finish();
 }

@@ -4,14 +4,24 @@
 //! spread over `PATH.N.gz` (oldest) ... `PATH.1.gz`, `PATH.0` (a rotation not
 //! yet compressed, while there is one) and `PATH` (newest). This
 //! module prints them in that order, which is publication order: either a few
-//! readable lines per packet ([`format_packet`]) or the JSON lines unchanged.
+//! readable lines per packet ([`format_packet`]) or the JSON lines unchanged
+//! (but for the escapes below).
 //! With `follow` it then keeps printing packets as they are appended, across
 //! rotations, like `tail -F`.
 //!
 //! A line that is not a packet (a write torn by a crash, a stray edit, a
 //! packet of a newer schema) is reported with its file and line number and
 //! skipped: one bad line must not keep anyone from reading the rest of a log.
+//!
+//! The values of a packet come from whoever produces to the input topic, and
+//! this output goes to an operator's terminal: a control character in a value
+//! could move the cursor, retitle the window, clear the screen or reorder
+//! what is shown. Every character a terminal may act on rather than display
+//! ([`is_hidden`]) is therefore shown escaped, in the readable lines (`\u{1b}`),
+//! in diagnostics that quote the file, and in `--json` lines (`\u001b`, the
+//! same JSON value).
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
@@ -25,7 +35,7 @@ use flate2::read::MultiGzDecoder;
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
-use crate::core::packet::{Packet, SliceMetrics};
+use crate::core::packet::{Packet, SliceMetrics, SCHEMA_VERSION};
 use crate::sink::metrics_log::{pending_path, rotated_path};
 
 /// Repeated combinations shown per slice. A packet lists up to `analysis.top`
@@ -50,10 +60,72 @@ pub const POLL: Duration = Duration::from_millis(200);
 /// (the first line holds a packet id), so the rotation is not missed.
 const HEAD: usize = 64;
 
+/// Whether a terminal may act on `c` instead of showing it: the C0 controls,
+/// DEL, the C1 controls (U+0080–U+009F: U+009B starts an escape sequence on
+/// its own in some terminals), and the invisible characters that reorder or
+/// break text (bidi marks, embeddings, overrides and isolates; line and
+/// paragraph separators), with which a value can make a line read as
+/// something it is not.
+fn is_hidden(c: char) -> bool {
+    matches!(
+        c,
+        '\u{0}'..='\u{1f}'
+            | '\u{7f}'..='\u{9f}'
+            | '\u{61c}'
+            | '\u{200e}'
+            | '\u{200f}'
+            | '\u{2028}'..='\u{202e}'
+            | '\u{2066}'..='\u{2069}'
+    )
+}
+
+/// `s` with every [`is_hidden`] character written as `\u{..}`, so that it
+/// shows on a terminal as text and nothing else.
+fn visible(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(is_hidden) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 16);
+    for c in s.chars() {
+        if is_hidden(c) {
+            let _ = write!(out, "{}", c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// A JSON text with every [`is_hidden`] character written as a JSON escape
+/// (`\u009b`): the same JSON value, shown as text. serde_json already
+/// escapes the C0 controls inside strings, but not DEL, the C1 controls nor
+/// the bidi characters. Valid JSON can hold those only inside strings, where
+/// the escape means the same character; tabs, newlines and carriage returns
+/// outside strings are whitespace and are kept.
+fn json_visible(line: &[u8]) -> Cow<'_, [u8]> {
+    let Ok(text) = std::str::from_utf8(line) else {
+        return Cow::Borrowed(line);
+    };
+    let escape = |c: char| is_hidden(c) && !matches!(c, '\t' | '\n' | '\r');
+    if !text.chars().any(escape) {
+        return Cow::Borrowed(line);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if escape(c) {
+            let _ = write!(out, "\\u{:04x}", c as u32);
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out.into_bytes())
+}
+
 /// What `tail` prints and whether it keeps following.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Options {
-    /// Print the packets' JSON lines byte for byte instead of readable lines.
+    /// Print the packets' JSON lines byte for byte instead of readable lines
+    /// (but for characters a terminal would act on, written as JSON escapes).
     pub json: bool,
     /// After what exists, keep printing appended packets until `stop`.
     pub follow: bool,
@@ -74,7 +146,7 @@ pub async fn run(
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
-            eprintln!("login-metrics tail: {e:#}");
+            eprintln!("login-metrics tail: {}", visible(&format!("{e:#}")));
             ExitCode::FAILURE
         }
         Err(e) => {
@@ -216,8 +288,16 @@ impl Printer<'_> {
         }
         let complete = line.ends_with(b"\n");
         match serde_json::from_slice::<Packet>(line) {
+            // Added fields are read past; a newer version is a breaking change.
+            Ok(packet) if packet.schema_version > SCHEMA_VERSION => {
+                self.report(format_args!(
+                    "{}:{number}: skipped, a packet of schema version {} (this reader knows up to {SCHEMA_VERSION}): use a newer login-metrics tail",
+                    file.display(),
+                    packet.schema_version
+                ));
+            }
             Ok(_) if self.json => {
-                self.out.write_all(line)?;
+                self.out.write_all(&json_visible(line))?;
                 if !complete {
                     self.out.write_all(b"\n")?;
                 }
@@ -239,8 +319,10 @@ impl Printer<'_> {
     }
 
     /// Diagnostics are best effort: a closed stderr must not stop the output.
+    /// They name the file and say what serde found wrong with a line, which
+    /// can quote it, so they are made [`visible`] too.
     fn report(&mut self, message: std::fmt::Arguments<'_>) {
-        let _ = writeln!(self.diag, "{message}");
+        let _ = writeln!(self.diag, "{}", visible(&message.to_string()));
     }
 
     /// Prints a rotated file. A file that cannot be read (removed by a
@@ -514,6 +596,7 @@ impl Live {
 /// repeated. A combination shows the slice's values joined by `/` (`∅` for a
 /// missing value, long ones cut with `…`) and its count; `+N more` counts the
 /// repeated combinations not shown, including those beyond `analysis.top`.
+/// Every text taken from the packet is shown [`visible`].
 pub fn format_packet(packet: &Packet) -> String {
     let w = &packet.window;
     let mut s = String::new();
@@ -538,7 +621,9 @@ pub fn format_packet(packet: &Packet) -> String {
     let _ = write!(
         s,
         "  closed by {}  valid {}  invalid {}",
-        w.closed_by, e.valid, e.invalid
+        visible(&w.closed_by),
+        e.valid,
+        e.invalid
     );
     if let Some(late) = e.late {
         let _ = write!(s, "  late {late}");
@@ -546,7 +631,11 @@ pub fn format_packet(packet: &Packet) -> String {
     let duplicate_groups: u64 = packet.metrics.iter().map(|m| m.duplicate_groups).sum();
     let _ = writeln!(s, "  duplicate groups {duplicate_groups}");
 
-    let names: Vec<String> = packet.metrics.iter().map(|m| m.slice.join("+")).collect();
+    let names: Vec<String> = packet
+        .metrics
+        .iter()
+        .map(|m| visible(&m.slice.join("+")).into_owned())
+        .collect();
     let width = names.iter().map(|n| n.chars().count()).max().unwrap_or(0);
     for (m, name) in packet.metrics.iter().zip(&names) {
         let _ = writeln!(s, "  {name:<width$}  {}", slice_summary(m));
@@ -588,14 +677,18 @@ fn combination(slice: &[String], row: &Map<String, Value>) -> String {
         })
         .collect();
     let count = row.get("count").map(Value::to_string).unwrap_or_default();
+    let count = visible(&count);
     format!("{} ×{count}", values.join("/"))
 }
 
+/// The value cut when long, then made [`visible`]: cut first, so that the
+/// length counts the value's own characters and no escape is cut in half.
 fn shorten(v: &str) -> String {
     if v.chars().count() <= LONG_VALUE {
-        v.to_string()
+        visible(v).into_owned()
     } else {
         let mut cut: String = v.chars().take(CUT_TO).collect();
+        cut = visible(&cut).into_owned();
         cut.push('…');
         cut
     }
@@ -603,11 +696,11 @@ fn shorten(v: &str) -> String {
 
 /// `2026-11-21 07:51:10–07:51:20 UTC`: one date when both ends share it,
 /// milliseconds only when either end has some. Timestamps that are not RFC
-/// 3339 are shown as they are.
+/// 3339 are shown as they are, made [`visible`].
 fn span(from: &str, to: &str) -> String {
     let parse = |t: &str| DateTime::parse_from_rfc3339(t).map(|d| d.with_timezone(&Utc));
     let (Ok(a), Ok(b)) = (parse(from), parse(to)) else {
-        return format!("{from}–{to}");
+        return format!("{}–{}", visible(from), visible(to));
     };
     let time = if a.timestamp_subsec_millis() != 0 || b.timestamp_subsec_millis() != 0 {
         "%H:%M:%S%.3f"
@@ -777,6 +870,146 @@ mod tests {
         assert_eq!(shorten("3.0.0-beta"), "3.0.0-beta");
         assert_eq!(shorten("5bdcc146bf60754e6a042426089575c7"), "5bdcc146…");
         assert_eq!(shorten("ééééééééééééééééé"), "éééééééé…");
+    }
+
+    /// Producer-controlled text as it arrives in packet values: an OSC that
+    /// retitles the terminal, a screen clear, the one-byte C1 CSI, DEL, a
+    /// right-to-left override, a bidi isolate and a carriage return.
+    const HOSTILE: &str = "a\u{1b}]0;pwned\u{7}b\u{1b}[2Jc\u{9b}31md\u{7f}e\u{202e}f\u{2067}g\rh";
+
+    fn assert_shows_no_hidden_character(text: &str) {
+        let found: Vec<char> = text
+            .chars()
+            .filter(|&c| is_hidden(c) && c != '\n')
+            .collect();
+        assert!(found.is_empty(), "{found:?} in {text:?}");
+    }
+
+    #[test]
+    fn hidden_characters_are_escaped_and_the_rest_kept() {
+        assert_eq!(
+            visible(HOSTILE),
+            "a\\u{1b}]0;pwned\\u{7}b\\u{1b}[2Jc\\u{9b}31md\\u{7f}e\\u{202e}f\\u{2067}g\\u{d}h"
+        );
+        for c in [
+            '\u{0}', '\t', '\n', '\u{80}', '\u{85}', '\u{9f}', '\u{61c}', '\u{200e}', '\u{200f}',
+            '\u{2028}', '\u{2029}', '\u{202a}', '\u{2066}', '\u{2069}',
+        ] {
+            assert!(is_hidden(c), "{c:?}");
+        }
+        // Printable text, ASCII or not, is left as it is (and not copied).
+        let plain = "77.164.38.80 2.3.0/DE ∅ ééé 東京 \u{a0}\u{200d} x\\u{1b}";
+        assert!(matches!(visible(plain), Cow::Borrowed(p) if p == plain));
+    }
+
+    #[test]
+    fn a_packet_from_a_hostile_producer_shows_its_values_escaped() {
+        let mut p = window_packet();
+        // A long value, cut to 8 characters before it is escaped; short ones whole.
+        p.metrics[0].duplicates[0].insert("ip".into(), Value::String(HOSTILE.into()));
+        p.metrics[1].duplicates[1].insert("user_id".into(), Value::String("\u{1b}[2J".into()));
+        p.metrics[1].duplicates[0].insert("ip".into(), json!(["\u{9b}1m"]));
+        p.metrics[2].slice[0] = "locale\u{1b}[8m".into();
+        p.window.closed_by = "watermark\u{1b}]0;x\u{7}".into();
+        let text = format_packet(&p);
+        assert_shows_no_hidden_character(&text);
+        assert!(
+            text.contains("closed by watermark\\u{1b}]0;x\\u{7}  valid"),
+            "{text}"
+        );
+        assert!(text.contains(" a\\u{1b}]0;pwn… ×30"), "{text}");
+        assert!(text.contains("\\u{1b}[2J/∅ ×5"), "{text}");
+        assert!(text.contains("[\"\\u{9b}1m\"] ×30"), "{text}");
+        assert!(
+            text.contains("  locale\\u{1b}[8m+device_type  no repeats"),
+            "{text}"
+        );
+
+        // Event times that are not RFC 3339 are shown as they are: escaped.
+        p.window.start = None;
+        p.window.end = None;
+        p.window.ts_min = Some("\u{202e}0202".into());
+        p.window.ts_max = Some(HOSTILE.into());
+        let header = format_packet(&p).lines().next().unwrap().to_string();
+        assert_shows_no_hidden_character(&header);
+        assert!(
+            header.starts_with("batch \\u{202e}0202–a\\u{1b}]0;pwned"),
+            "{header}"
+        );
+    }
+
+    #[test]
+    fn json_lines_carry_hidden_characters_as_json_escapes_of_the_same_value() {
+        let mut p = window_packet();
+        p.metrics[0].duplicates[0].insert("ip".into(), Value::String(HOSTILE.into()));
+        p.window.closed_by = "\u{85}".into();
+        let raw = p.to_json() + "\n";
+        // serde_json escapes the C0 controls itself, not DEL, C1 or bidi.
+        assert!(raw.contains("\\u001b") && raw.contains('\u{9b}') && raw.contains('\u{202e}'));
+        let shown = String::from_utf8(json_visible(raw.as_bytes()).into_owned()).unwrap();
+        assert_shows_no_hidden_character(&shown);
+        assert!(shown.ends_with("}\n"));
+        assert!(
+            shown.contains("c\\u009b31md\\u007fe\\u202ef\\u2067g"),
+            "{shown}"
+        );
+        assert_eq!(serde_json::from_str::<Packet>(&shown).unwrap(), p);
+
+        // A line with nothing to escape is passed through as it is.
+        let clean = line('a');
+        assert!(
+            matches!(json_visible(clean.as_bytes()), Cow::Borrowed(b) if b == clean.as_bytes())
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.log");
+        fs::write(&path, raw).unwrap();
+        let (mut out, mut diag) = (Vec::new(), Vec::new());
+        let options = Options {
+            json: true,
+            follow: false,
+        };
+        tail(
+            &path,
+            options,
+            &mut out,
+            &mut diag,
+            &CancellationToken::new(),
+        )
+        .unwrap();
+        assert_eq!(String::from_utf8(out).unwrap(), shown);
+    }
+
+    #[test]
+    fn diagnostics_show_what_they_quote_escaped() {
+        let (mut out, mut diag) = (Vec::new(), Vec::new());
+        let mut printer = Printer {
+            json: false,
+            out: &mut out,
+            diag: &mut diag,
+        };
+        // The file's name and the line's content, as serde quotes it.
+        printer
+            .line(
+                Path::new("m\u{1b}]0;x\u{7}.log"),
+                3,
+                b"{\"schema_version\":\"\\u009b2J\"}\n",
+            )
+            .unwrap();
+        printer.report(format_args!("quoted: {HOSTILE}"));
+        let diag = String::from_utf8(diag).unwrap();
+        assert_shows_no_hidden_character(&diag);
+        assert!(
+            diag.starts_with(
+                "m\\u{1b}]0;x\\u{7}.log:3: skipped, not a packet: invalid type: string \"\\u{9b}2J\""
+            ),
+            "{diag}"
+        );
+        assert!(
+            diag.ends_with(&format!("quoted: {}\n", visible(HOSTILE))),
+            "{diag}"
+        );
+        assert!(out.is_empty());
     }
 
     /// A packet line with its own id.

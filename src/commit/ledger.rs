@@ -258,6 +258,16 @@ impl Ledger {
         }
         self.next_commit = Some(now + COMMIT_INTERVAL);
         if self.store_and_commit(consumer) {
+            // The lag of a partition committed to its end is 0 now, not at
+            // the next statistics (or never, after the last commit of a run).
+            for p in &self.pending {
+                if let Some(high) =
+                    crate::kafka::cached_high_watermark(consumer.client(), &p.topic, p.partition)
+                {
+                    self.progress
+                        .set_lag(&p.topic, p.partition, high - p.offset);
+                }
+            }
             self.progress
                 .committed_messages
                 .fetch_add(self.pending_messages, Ordering::Relaxed);

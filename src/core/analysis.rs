@@ -7,6 +7,12 @@
 //! descending, then key values ascending (byte order, nulls last), so the same
 //! batch always gives the same report. A null value is a value of its own: it
 //! groups with the other nulls of its field.
+//!
+//! Several batches can be analysed in one job ([`analyze_many`]), with the
+//! batch as one more grouping key: each report equals that of the batch
+//! analysed alone. A job has a fixed cost (threads started and joined, one
+//! Polars query per slice) that small batches, such as a backlog of short
+//! windows, would otherwise pay one by one.
 
 use polars::prelude::*;
 
@@ -31,14 +37,18 @@ struct Encoded<'a> {
 }
 
 impl<'a> Encoded<'a> {
-    fn new(col: &'a StrColumn) -> Encoded<'a> {
+    /// One dictionary over the rows of `parts`, one after the other: a value
+    /// has the same code in every part.
+    fn new(parts: &[&'a StrColumn]) -> Encoded<'a> {
         let hasher = foldhash::fast::RandomState::default();
+        let rows: usize = parts.iter().map(|c| c.len()).sum();
         // Sized for every row being distinct: growing would re-hash every
         // value through the batch buffer, which costs more than the memory.
-        let mut index: HashTable<u32> = HashTable::with_capacity(col.len());
+        let mut index: HashTable<u32> = HashTable::with_capacity(rows);
         let mut values: Vec<&'a str> = Vec::new();
-        let codes = col
+        let codes = parts
             .iter()
+            .flat_map(|col| col.iter())
             .map(|v| match v {
                 None => NULL_CODE,
                 Some(v) => {
@@ -99,7 +109,7 @@ fn same(a: &str, b: &str) -> bool {
 
 /// Encodes the columns the slices use, one thread per column: the encoding
 /// hashes every value once, which is most of the per-event cost of analysis.
-fn encode_all<'a>(columns: &'a Columns, slices: &[Vec<Field>]) -> Vec<Option<Encoded<'a>>> {
+fn encode_all<'a>(batches: &[&'a Columns], slices: &[Vec<Field>]) -> Vec<Option<Encoded<'a>>> {
     let mut used = [false; crate::core::event::FIELD_COUNT];
     for f in slices.iter().flatten() {
         used[f.index()] = true;
@@ -107,7 +117,14 @@ fn encode_all<'a>(columns: &'a Columns, slices: &[Vec<Field>]) -> Vec<Option<Enc
     std::thread::scope(|scope| {
         let handles: Vec<_> = Field::ALL
             .iter()
-            .map(|f| used[f.index()].then(|| scope.spawn(|| Encoded::new(columns.column(*f)))))
+            .map(|f| {
+                used[f.index()].then(|| {
+                    scope.spawn(|| {
+                        let parts: Vec<&StrColumn> = batches.iter().map(|c| c.column(*f)).collect();
+                        Encoded::new(&parts)
+                    })
+                })
+            })
             .collect();
         handles
             .into_iter()
@@ -152,6 +169,18 @@ pub fn analyze(
     analyze_with(columns, slices, top, KeyPlan::Narrowest)
 }
 
+/// Counts duplicates of every slice over each of `batches` in one job: the
+/// reports at index `i` equal [`analyze`] of `batches[i]` alone. Rows are
+/// grouped by batch and slice values together, so the job's fixed cost is
+/// paid once for all the batches.
+pub fn analyze_many(
+    batches: &[&Columns],
+    slices: &[Vec<Field>],
+    top: usize,
+) -> PolarsResult<Vec<Vec<SliceReport>>> {
+    analyze_many_with(batches, slices, top, KeyPlan::Narrowest)
+}
+
 /// How [`analyze_with`] keys the rows of a slice for grouping; [`analyze`]
 /// uses [`KeyPlan::Narrowest`]. The others are for tests that cover every
 /// grouping path.
@@ -174,7 +203,29 @@ pub fn analyze_with(
     top: usize,
     plan: KeyPlan,
 ) -> PolarsResult<Vec<SliceReport>> {
-    let encoded = encode_all(columns, slices);
+    let mut reports = analyze_many_with(&[columns], slices, top, plan)?;
+    Ok(reports.pop().expect("one list of reports per batch"))
+}
+
+/// [`analyze_many`] with the rows keyed as `plan` says.
+#[doc(hidden)]
+pub fn analyze_many_with(
+    batches: &[&Columns],
+    slices: &[Vec<Field>],
+    top: usize,
+    plan: KeyPlan,
+) -> PolarsResult<Vec<Vec<SliceReport>>> {
+    if batches.is_empty() {
+        return Ok(Vec::new());
+    }
+    // Where each batch's rows start in the encoded columns, then the end.
+    let starts: Vec<usize> = std::iter::once(0)
+        .chain(batches.iter().scan(0, |end, b| {
+            *end += b.len();
+            Some(*end)
+        }))
+        .collect();
+    let encoded = encode_all(batches, slices);
     let run = |slice: &Vec<Field>| {
         let cols: Vec<&Encoded> = slice
             .iter()
@@ -184,7 +235,7 @@ pub fn analyze_with(
                     .expect("used fields are encoded")
             })
             .collect();
-        analyze_slice(&cols, columns.len(), slice, top, plan)
+        analyze_slice(&cols, &starts, slice, top, plan)
     };
     let half = slices.len().div_ceil(2);
     let (first, second) = slices.split_at(half);
@@ -193,90 +244,150 @@ pub fn analyze_with(
         let a: Vec<_> = first.iter().map(run).collect();
         (a, h.join().expect("analysis does not panic"))
     });
-    a.into_iter().chain(b).collect()
+    // Per slice, one report per batch; the caller wants them per batch.
+    let mut out: Vec<Vec<SliceReport>> = (0..batches.len())
+        .map(|_| Vec::with_capacity(slices.len()))
+        .collect();
+    for per_batch in a.into_iter().chain(b) {
+        for (reports, report) in out.iter_mut().zip(per_batch?) {
+            reports.push(report);
+        }
+    }
+    Ok(out)
 }
 
-/// How the rows of a slice are keyed for grouping.
+/// Name of the batch column when the codes are grouped one column per
+/// field; no event field has this name.
+const BATCH: &str = "batch";
+
+/// How the rows of a slice are keyed for grouping. A row's batch is part of
+/// its key: the most significant digit of a packed key, or a column of its
+/// own.
 enum Keys {
-    /// One exact u64 per row: the fields' codes as digits of a mixed-radix
-    /// number (radix = distinct values + 1, the last digit value for null).
+    /// One exact u64 per row: the batch, then the fields' codes, as digits of
+    /// a mixed-radix number (the batch's radix is the number of batches; a
+    /// field's is its distinct values + 1, the last digit value for null).
     Packed(Vec<u64>),
     /// The same, when every key fits in 32 bits: Polars groups 32-bit keys
     /// about twice as fast when there are few groups.
     Packed32(Vec<u32>),
-    /// One nullable u32 code column per field, when the packed key would not
-    /// fit in 64 bits.
+    /// One nullable u32 code column per field, and the batch's index when
+    /// there are several, when the packed key would not fit in 64 bits.
     PerField,
 }
 
-fn keys(cols: &[&Encoded], n: usize, plan: KeyPlan) -> Keys {
-    let radices: Vec<u64> = cols.iter().map(|c| c.distinct() as u64 + 1).collect();
+/// The radix of each field's digit in a packed key.
+fn radices(cols: &[&Encoded]) -> Vec<u64> {
+    cols.iter().map(|c| c.distinct() as u64 + 1).collect()
+}
+
+fn keys(cols: &[&Encoded], starts: &[usize], plan: KeyPlan) -> Keys {
+    let radices = radices(cols);
+    let batches = (starts.len() - 1) as u64;
     // The largest packed key, when it fits in 64 bits.
     let max_key = radices
         .iter()
-        .try_fold(1u64, |acc, r| acc.checked_mul(*r))
+        .try_fold(batches, |acc, r| acc.checked_mul(*r))
         .map(|span| span - 1);
     match (plan, max_key) {
         (KeyPlan::Narrowest, Some(k)) if k <= u64::from(u32::MAX) => {
-            Keys::Packed32(pack(cols, &radices, n, |k| k as u32))
+            Keys::Packed32(pack(cols, &radices, starts, |k| k as u32))
         }
         (KeyPlan::Narrowest | KeyPlan::Packed64, Some(_)) => {
-            Keys::Packed(pack(cols, &radices, n, |k| k))
+            Keys::Packed(pack(cols, &radices, starts, |k| k))
         }
         _ => Keys::PerField,
     }
 }
 
-/// The packed key of every row, narrowed by `narrow` (exact: the caller
-/// checked that every key fits).
-fn pack<K: Copy>(cols: &[&Encoded], radices: &[u64], n: usize, narrow: fn(u64) -> K) -> Vec<K> {
-    (0..n)
-        .map(|row| {
-            let key = cols.iter().zip(radices).fold(0u64, |k, (col, &radix)| {
-                let code = col.codes[row];
-                let digit = if code == NULL_CODE {
-                    radix - 1
-                } else {
-                    u64::from(code)
-                };
-                k * radix + digit
-            });
+/// The packed key of every row, batch by batch, narrowed by `narrow` (exact:
+/// the caller checked that every key fits).
+fn pack<K: Copy>(
+    cols: &[&Encoded],
+    radices: &[u64],
+    starts: &[usize],
+    narrow: fn(u64) -> K,
+) -> Vec<K> {
+    let mut keys = Vec::with_capacity(starts[starts.len() - 1]);
+    for (batch, rows) in starts.windows(2).enumerate() {
+        keys.extend((rows[0]..rows[1]).map(|row| {
+            let key = cols
+                .iter()
+                .zip(radices)
+                .fold(batch as u64, |k, (col, &radix)| {
+                    let code = col.codes[row];
+                    let digit = if code == NULL_CODE {
+                        radix - 1
+                    } else {
+                        u64::from(code)
+                    };
+                    k * radix + digit
+                });
             narrow(key)
-        })
-        .collect()
+        }));
+    }
+    keys
 }
 
-/// Groups and counts by code in Polars, keeps the duplicate groups and, of
-/// those, the ones that can be among the first `top` by count; decodes only
-/// those to strings, and has Polars order them by count, then values.
-/// `plan` chooses the key (see [`KeyPlan`]).
+/// How the groups of a slice are keyed, once grouped.
+enum Grouped {
+    /// By packed key: the key column holds batch and codes.
+    Packed,
+    /// One code column per field, after a batch column when `batched`.
+    PerField { batched: bool },
+}
+
+/// Groups and counts by batch and code in Polars, keeps each batch's
+/// duplicate groups and, of those, the ones that can be among its first
+/// `top` by count; decodes only those to strings, and has Polars order them
+/// by batch, count, then values. `plan` chooses the key (see [`KeyPlan`]).
+/// Returns one report per batch.
 fn analyze_slice(
     cols: &[&Encoded],
-    n: usize,
+    starts: &[usize],
     slice: &[Field],
     top: usize,
     plan: KeyPlan,
-) -> PolarsResult<SliceReport> {
-    let (frame, key_names) = match keys(cols, n, plan) {
+) -> PolarsResult<Vec<SliceReport>> {
+    let batches = starts.len() - 1;
+    let n = starts[batches];
+    let (frame, key_names, how) = match keys(cols, starts, plan) {
         Keys::Packed32(keys) => (
             DataFrame::new(n, vec![Column::new("key".into(), keys)])?,
             vec!["key".to_string()],
+            Grouped::Packed,
         ),
         Keys::Packed(keys) => (
             DataFrame::new(n, vec![Column::new("key".into(), keys)])?,
             vec!["key".to_string()],
+            Grouped::Packed,
         ),
         Keys::PerField => {
-            let names: Vec<String> = (0..cols.len()).map(|i| format!("code{i}")).collect();
-            let code_cols = cols
-                .iter()
-                .zip(&names)
-                .map(|(c, name)| {
-                    let codes = c.codes.iter().map(|&x| (x != NULL_CODE).then_some(x));
-                    UInt32Chunked::from_iter_options(name.as_str().into(), codes).into_column()
-                })
-                .collect();
-            (DataFrame::new(n, code_cols)?, names)
+            let batched = batches > 1;
+            let mut names: Vec<String> = Vec::with_capacity(cols.len() + 1);
+            let mut columns: Vec<Column> = Vec::with_capacity(cols.len() + 1);
+            if batched {
+                let batch: Vec<u32> = starts
+                    .windows(2)
+                    .enumerate()
+                    .flat_map(|(b, rows)| std::iter::repeat_n(b as u32, rows[1] - rows[0]))
+                    .collect();
+                columns.push(Column::new(BATCH.into(), batch));
+                names.push(BATCH.to_string());
+            }
+            for (i, c) in cols.iter().enumerate() {
+                let name = format!("code{i}");
+                let codes = c.codes.iter().map(|&x| (x != NULL_CODE).then_some(x));
+                columns.push(
+                    UInt32Chunked::from_iter_options(name.as_str().into(), codes).into_column(),
+                );
+                names.push(name);
+            }
+            (
+                DataFrame::new(n, columns)?,
+                names,
+                Grouped::PerField { batched },
+            )
         }
     };
     let by: Vec<Expr> = key_names.iter().map(|k| col(k.as_str())).collect();
@@ -285,91 +396,142 @@ fn analyze_slice(
         .group_by(by)
         .agg([len().alias(COUNT)])
         .collect()?;
-    let groups = grouped.height() as u64;
     // Eager from here on: the frames are small, and a lazy query's planning
     // would cost more than the work.
-    let counts = grouped.column(COUNT)?.as_materialized_series();
-    let dups = grouped.filter(&counts.gt_eq(2)?)?;
-    let duplicate_groups = dups.height() as u64;
-    // Only groups counted at least as often as the `top`-th largest count can
-    // be shown; the rest need neither decoding nor ordering by value.
-    let dups = if dups.height() > top && top > 0 {
-        let counts = dups.column(COUNT)?.as_materialized_series();
-        let sorted = counts.sort(SortOptions::default().with_order_descending(true))?;
-        let threshold = sorted.get(top - 1)?;
-        dups.filter(&counts.gt_eq(threshold.extract::<IdxSize>().unwrap_or(0))?)?
-    } else {
-        dups
+    let counts = grouped.column(COUNT)?.cast(&DataType::UInt64)?;
+    let counts: Vec<u64> = counts.u64()?.into_no_null_iter().collect();
+    let radices = radices(cols);
+    // A field key's span: the batch digit's weight in a packed key. Only a
+    // packed key uses it, and then it fits in 64 bits; the per-field key is
+    // chosen because it may not.
+    let span: u64 = radices
+        .iter()
+        .try_fold(1u64, |acc, r| acc.checked_mul(*r))
+        .unwrap_or(u64::MAX);
+    let (packed, group_batch): (Vec<u64>, Vec<u32>) = match how {
+        Grouped::Packed => {
+            let keys = grouped.column("key")?.cast(&DataType::UInt64)?;
+            let keys: Vec<u64> = keys.u64()?.into_no_null_iter().collect();
+            let batch = keys.iter().map(|k| (k / span) as u32).collect();
+            (keys, batch)
+        }
+        Grouped::PerField { batched: true } => (
+            Vec::new(),
+            grouped.column(BATCH)?.u32()?.into_no_null_iter().collect(),
+        ),
+        Grouped::PerField { batched: false } => (Vec::new(), vec![0; grouped.height()]),
     };
 
-    // Decode the shown candidates' keys into their field values.
-    let mut values: Vec<Vec<Option<&str>>> = vec![Vec::with_capacity(dups.height()); cols.len()];
-    if key_names.len() == 1 && key_names[0] == "key" {
-        let radices: Vec<u64> = cols.iter().map(|c| c.distinct() as u64 + 1).collect();
-        let keys = dups.column("key")?.cast(&DataType::UInt64)?;
-        for key in keys.u64()?.into_no_null_iter() {
-            let mut rest = key;
-            for (i, (col, &radix)) in cols.iter().zip(&radices).enumerate().rev() {
-                let digit = rest % radix;
-                rest /= radix;
-                let code = if digit == radix - 1 {
-                    NULL_CODE
-                } else {
-                    digit as u32
-                };
-                values[i].push(col.decode(code));
+    let mut reports: Vec<SliceReport> = (0..batches)
+        .map(|_| SliceReport {
+            fields: slice.to_vec(),
+            groups: 0,
+            duplicate_groups: 0,
+            duplicates: Vec::new(),
+        })
+        .collect();
+    let mut dup_counts: Vec<Vec<u64>> = vec![Vec::new(); batches];
+    for (&b, &count) in group_batch.iter().zip(&counts) {
+        let report = &mut reports[b as usize];
+        report.groups += 1;
+        if count >= 2 {
+            report.duplicate_groups += 1;
+            dup_counts[b as usize].push(count);
+        }
+    }
+    // Only groups counted at least as often as their batch's `top`-th largest
+    // count can be shown; the rest need neither decoding nor ordering by value.
+    let threshold: Vec<u64> = dup_counts
+        .into_iter()
+        .map(|mut c| {
+            if top > 0 && c.len() > top {
+                *c.select_nth_unstable_by(top - 1, |a, b| b.cmp(a)).1
+            } else {
+                2
+            }
+        })
+        .collect();
+    let candidates: Vec<usize> = (0..counts.len())
+        .filter(|&g| counts[g] >= threshold[group_batch[g] as usize])
+        .collect();
+
+    // Decode the candidates' keys into their field values.
+    let mut values: Vec<Vec<Option<&str>>> = vec![Vec::with_capacity(candidates.len()); cols.len()];
+    match how {
+        Grouped::Packed => {
+            for &g in &candidates {
+                let mut rest = packed[g] % span;
+                for (i, (col, &radix)) in cols.iter().zip(&radices).enumerate().rev() {
+                    let digit = rest % radix;
+                    rest /= radix;
+                    let code = if digit == radix - 1 {
+                        NULL_CODE
+                    } else {
+                        digit as u32
+                    };
+                    values[i].push(col.decode(code));
+                }
             }
         }
-    } else {
-        for (i, (col, name)) in cols.iter().zip(&key_names).enumerate() {
-            for code in dups.column(name)?.u32()?.iter() {
-                values[i].push(col.decode(code.unwrap_or(NULL_CODE)));
+        Grouped::PerField { batched } => {
+            let names = &key_names[usize::from(batched)..];
+            for (i, (col, name)) in cols.iter().zip(names).enumerate() {
+                let codes: Vec<Option<u32>> = grouped.column(name)?.u32()?.iter().collect();
+                for &g in &candidates {
+                    values[i].push(col.decode(codes[g].unwrap_or(NULL_CODE)));
+                }
             }
         }
     }
-    let mut frame: Vec<Column> = slice
-        .iter()
-        .zip(&values)
-        .map(|(f, v)| {
-            StringChunked::from_iter_options(f.name().into(), v.iter().copied()).into_column()
-        })
-        .collect();
-    frame.push(dups.column(COUNT)?.clone());
-    let by: Vec<String> = std::iter::once(COUNT.to_string())
+    let mut frame: Vec<Column> = Vec::with_capacity(slice.len() + 2);
+    frame.push(Column::new(
+        BATCH.into(),
+        candidates
+            .iter()
+            .map(|&g| group_batch[g])
+            .collect::<Vec<u32>>(),
+    ));
+    frame.extend(slice.iter().zip(&values).map(|(f, v)| {
+        StringChunked::from_iter_options(f.name().into(), v.iter().copied()).into_column()
+    }));
+    frame.push(Column::new(
+        COUNT.into(),
+        candidates.iter().map(|&g| counts[g]).collect::<Vec<u64>>(),
+    ));
+    let by: Vec<String> = [BATCH, COUNT]
+        .into_iter()
+        .map(str::to_string)
         .chain(slice.iter().map(|f| f.name().to_string()))
         .collect();
-    let mut descending = vec![true];
+    let mut descending = vec![false, true];
     descending.extend(std::iter::repeat_n(false, slice.len()));
-    let shown = DataFrame::new(dups.height(), frame)?.sort(
+    let shown = DataFrame::new(candidates.len(), frame)?.sort(
         by,
         SortMultipleOptions::default()
             .with_order_descending_multi(descending)
             .with_nulls_last(true)
             .with_maintain_order(false),
     )?;
-    let shown = shown.head(Some(top));
 
-    let counts = shown.column(COUNT)?.cast(&DataType::UInt64)?;
-    let counts = counts.u64()?;
+    let batch_of = shown.column(BATCH)?.u32()?;
+    let counts = shown.column(COUNT)?.u64()?;
     let key_cols: Vec<&StringChunked> = slice
         .iter()
         .map(|f| shown.column(f.name()).and_then(|c| c.str()))
         .collect::<PolarsResult<_>>()?;
-    let duplicates = (0..shown.height())
-        .map(|i| DuplicateRow {
-            values: key_cols
-                .iter()
-                .map(|c| c.get(i).map(str::to_owned))
-                .collect(),
-            count: counts.get(i).unwrap_or(0),
-        })
-        .collect();
-    Ok(SliceReport {
-        fields: slice.to_vec(),
-        groups,
-        duplicate_groups,
-        duplicates,
-    })
+    for i in 0..shown.height() {
+        let report = &mut reports[batch_of.get(i).unwrap_or(0) as usize];
+        if report.duplicates.len() < top {
+            report.duplicates.push(DuplicateRow {
+                values: key_cols
+                    .iter()
+                    .map(|c| c.get(i).map(str::to_owned))
+                    .collect(),
+                count: counts.get(i).unwrap_or(0),
+            });
+        }
+    }
+    Ok(reports)
 }
 
 /// `[analysis]`: the slices counted and the rows reported.
@@ -509,6 +671,74 @@ mod tests {
         let r = analyze(&cols, &[vec![Field::UserId]], 10).unwrap();
         assert_eq!((r[0].groups, r[0].duplicate_groups), (2, 0));
         assert!(r[0].duplicates.is_empty());
+    }
+
+    #[test]
+    fn batches_in_one_job_report_as_each_alone() {
+        let a = Columns::from_events(&[
+            ev(Some("a"), Some("1")),
+            ev(Some("a"), Some("1")),
+            ev(Some("b"), None),
+        ]);
+        let b = Columns::from_events(&[
+            ev(Some("a"), Some("1")),
+            ev(Some("b"), None),
+            ev(Some("b"), None),
+            ev(Some("c"), Some("2")),
+        ]);
+        let empty = Columns::default();
+        let slices = vec![vec![Field::UserId, Field::Ip], vec![Field::Ip]];
+        let alone: Vec<_> = [&a, &empty, &b]
+            .iter()
+            .map(|c| analyze(c, &slices, 1).unwrap())
+            .collect();
+        for plan in [KeyPlan::Narrowest, KeyPlan::Packed64, KeyPlan::PerField] {
+            let together = analyze_many_with(&[&a, &empty, &b], &slices, 1, plan).unwrap();
+            assert_eq!(together, alone, "{plan:?}");
+        }
+        // ("a", "1") is counted twice in the first batch, once in the last.
+        assert_eq!(alone[0][0].duplicates[0].count, 2);
+        assert_eq!(alone[2][0].duplicate_groups, 1);
+        assert_eq!(
+            alone[2][0].duplicates[0].values,
+            vec![Some("b".into()), None]
+        );
+        assert!(analyze_many(&[], &slices, 1).unwrap().is_empty());
+    }
+
+    #[test]
+    fn keys_too_wide_for_64_bits_are_grouped_per_field() {
+        // Four fields of 70,000 distinct values each: 70,001^4 passes 2^64,
+        // so the rows are keyed one column per field, and nothing on the
+        // way computes the packed key's span without checking it.
+        let values: Vec<String> = (0..70_000).map(|i| format!("v{i}")).collect();
+        let slice = vec![Field::UserId, Field::Ip, Field::DeviceId, Field::Locale];
+        let events: Vec<LoginEvent> = values
+            .iter()
+            .chain(values.iter().take(3))
+            .map(|v| {
+                let mut fields: [Option<Cow<str>>; FIELD_COUNT] = Default::default();
+                for f in &slice {
+                    fields[f.index()] = Some(Cow::Borrowed(v.as_str()));
+                }
+                LoginEvent {
+                    fields,
+                    timestamp_ms: Some(0),
+                }
+            })
+            .collect();
+        let cols = Columns::from_events(&events);
+        let report = &analyze(&cols, std::slice::from_ref(&slice), 2).unwrap()[0];
+        assert_eq!((report.groups, report.duplicate_groups), (70_000, 3));
+        let rows: Vec<_> = report
+            .duplicates
+            .iter()
+            .map(|r| (r.values[0].clone(), r.count))
+            .collect();
+        assert_eq!(
+            rows,
+            vec![(Some("v0".to_string()), 2), (Some("v1".to_string()), 2)]
+        );
     }
 
     #[test]

@@ -3,10 +3,15 @@
 //! The shape is specified by `docs/packet.schema.json`. A window packet's
 //! `packet_id` is derived from what the packet answers: the consumer group,
 //! the input topic, the window, the pane, the partitions whose events it
-//! counts and a fingerprint of the analysis settings. A replay carries the id
-//! of the original; two configurations never share one, nor do two instances
-//! of a group that each report their own partitions' share of a window. An arrival packet's id is derived from the offset ranges
-//! it covers, so a replay that closes at the same offsets carries the same id.
+//! counts and a fingerprint of the analysis settings (slices, top, privacy).
+//! A replay carries the id of the original; two instances of a group that
+//! each report their own partitions' share of a window get different ids.
+//! An arrival packet's id is derived from the offset ranges it covers, so a
+//! replay that closes at the same offsets carries the same id.
+//!
+//! Reading packets ignores fields this version does not know: adding a field
+//! is a compatible change (`docs/packet.md`); `schema_version` moves only on a
+//! breaking one.
 
 use std::collections::BTreeMap;
 
@@ -23,7 +28,6 @@ use crate::work::{Batch, SourceRange, WindowId};
 pub const SCHEMA_VERSION: u32 = 2;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Packet {
     pub schema_version: u32,
     pub packet_id: String,
@@ -35,7 +39,6 @@ pub struct Packet {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Window {
     /// Window mode: the window's start (RFC 3339 UTC, inclusive).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -53,7 +56,6 @@ pub struct Window {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct EventCounts {
     pub valid: u64,
     pub invalid: u64,
@@ -65,7 +67,6 @@ pub struct EventCounts {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Source {
     pub topic: String,
     pub partition: i32,
@@ -74,7 +75,6 @@ pub struct Source {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct SliceMetrics {
     pub slice: Vec<String>,
     pub groups: u64,

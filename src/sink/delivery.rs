@@ -1,13 +1,23 @@
 //! Delivery: from closed work to acknowledged output.
 //!
-//! For each [`Work`], in order: analyze every batch with Polars (on the
-//! blocking pool, so the runtime never stalls), build its packet, publish the
+//! For each [`Work`], in order: analyze every batch with Polars and build
+//! its packet, and build the dead letters, pseudonymized when so configured
+//! (all on the blocking pool, so the runtime never stalls), publish the
 //! packets and dead letters and wait for every acknowledgement, append the
 //! packets to the metrics log, then acknowledge the work to the consumer
 //! thread, which commits its offsets ([`crate::commit::ledger::Ledger`]). A work that
 //! cannot be delivered is reported with its reason and ends delivery: nothing
 //! after it may be committed.
+//!
+//! Works that wait are delivered together: while one job runs, delivery takes
+//! the works the consumer hands over next (up to [`MAX_HELD_EVENTS`]), and the
+//! next job analyses all their batches at once ([`analysis::analyze_many`]),
+//! publishes all their records, appends all their packets, then acknowledges
+//! each work in order. A job has a fixed cost whatever its size; a backlog
+//! of small windows pays it once per job instead of once per window. The
+//! packets are the same either way.
 
+use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,12 +31,12 @@ use tracing::{error, info, warn};
 use crate::core::analysis;
 use crate::core::event::ErrorKind;
 use crate::core::packet::{self, Identity, Packet};
-use crate::core::privacy::Pseudonymizer;
+use crate::core::privacy::{DeadLetters, Pseudonymizer};
 use crate::settings::Settings;
 use crate::sink::metrics_log::MetricsLog;
 use crate::sink::publisher::{OutRecord, Publisher};
 use crate::telemetry::{self, Health, LogLimit, Progress};
-use crate::work::{Columns, Work};
+use crate::work::{Columns, CommitPoint, InvalidMessage, Work};
 
 pub use crate::work::Ack;
 
@@ -47,6 +57,52 @@ pub struct Delivery {
     pub log_errors: LogLimit,
 }
 
+/// The most valid events and dead letters delivery holds beyond the work
+/// waiting in its channel: the batches of the job being analysed and the
+/// works taken ahead for the next job. Analysis costs least per event at
+/// about this many (`cargo bench --bench pipeline -- analysis`), and a work
+/// this large is taken on its own, so large windows are held no more than
+/// when each work was its own job.
+pub const MAX_HELD_EVENTS: usize = 100_000;
+
+/// Works taken from the channel while a job runs, for the next job.
+#[derive(Default)]
+struct Ahead {
+    works: Vec<Work>,
+    /// Their valid events and dead letters.
+    events: usize,
+    /// The channel closed: the consumer hands over nothing more.
+    closed: bool,
+}
+
+impl Ahead {
+    fn push(&mut self, work: Work) {
+        self.events += held_events(&work);
+        self.works.push(work);
+    }
+
+    fn take(&mut self) -> Vec<Work> {
+        self.events = 0;
+        std::mem::take(&mut self.works)
+    }
+}
+
+/// What a work holds in memory, counted in events: its valid events and its
+/// dead letters.
+fn held_events(work: &Work) -> usize {
+    work.batches.iter().map(|b| b.valid()).sum::<usize>() + work.dead_letters.len()
+}
+
+/// A work's packets and dead letters, built and ready to publish.
+struct Built {
+    /// Each packet with its JSON.
+    packets: Vec<(Packet, String)>,
+    dead_letter_records: Vec<OutRecord>,
+    dead_letters: Vec<InvalidMessage>,
+    commit: Vec<CommitPoint>,
+    messages: u64,
+}
+
 /// The longest wait between two attempts to append to the metrics log.
 const MAX_LOG_BACKOFF: Duration = Duration::from_secs(5);
 /// How long the metrics log is still retried once shutdown was requested.
@@ -55,9 +111,17 @@ pub const LOG_RETRY_AT_SHUTDOWN: Duration = Duration::from_secs(10);
 impl Delivery {
     /// Delivers work until the channel closes or a work fails.
     pub async fn run(self, mut works: mpsc::Receiver<Work>, acks: std_mpsc::Sender<Ack>) {
-        while let Some(work) = works.recv().await {
-            let ack = match self.handle(work).await {
-                Ok(ack) => ack,
+        let mut ahead = Ahead::default();
+        loop {
+            if ahead.works.is_empty() {
+                match works.recv().await {
+                    Some(work) => ahead.push(work),
+                    None => return,
+                }
+            }
+            let job = ahead.take();
+            let delivered = match self.handle(job, &mut works, &mut ahead).await {
+                Ok(delivered) => delivered,
                 Err(e) => {
                     let reason = format!("{e:#}");
                     error!(error = %reason, "work not delivered; its offsets will not be committed");
@@ -65,8 +129,34 @@ impl Delivery {
                     return;
                 }
             };
-            if acks.send(ack).is_err() {
-                return;
+            for ack in delivered {
+                if acks.send(ack).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Runs `step` of a job that holds `held` events in memory, meanwhile
+    /// taking the works handed over next into `ahead`, as long as delivery
+    /// holds fewer than [`MAX_HELD_EVENTS`]. What is not taken waits in the
+    /// channel, and the consumer behind it, as before.
+    async fn taking_ahead<T>(
+        step: impl Future<Output = T>,
+        held: usize,
+        works: &mut mpsc::Receiver<Work>,
+        ahead: &mut Ahead,
+    ) -> T {
+        tokio::pin!(step);
+        loop {
+            let room = !ahead.closed && held + ahead.events < MAX_HELD_EVENTS;
+            tokio::select! {
+                biased;
+                out = &mut step => return out,
+                work = works.recv(), if room => match work {
+                    Some(work) => ahead.push(work),
+                    None => ahead.closed = true,
+                },
             }
         }
     }
@@ -123,81 +213,162 @@ impl Delivery {
         Ok(())
     }
 
-    async fn handle(&self, work: Work) -> anyhow::Result<Ack> {
-        let Work {
-            batches,
-            dead_letters,
-            commit,
-            messages,
-            ..
-        } = work;
+    /// Delivers the works of one job: every packet and dead letter published
+    /// and every packet in the metrics log before the first work is
+    /// acknowledged. Returns each work's acknowledgement, in order.
+    async fn handle(
+        &self,
+        job: Vec<Work>,
+        works: &mut mpsc::Receiver<Work>,
+        ahead: &mut Ahead,
+    ) -> anyhow::Result<Vec<Ack>> {
+        let held = job.iter().map(held_events).sum();
+        let built = Self::taking_ahead(self.build(job), held, works, ahead).await?;
+        // The batches' columns are freed once their packets are built.
+        Self::taking_ahead(self.publish(built), 0, works, ahead).await
+    }
+
+    /// Analyses every batch of the job in one go and builds its packets, and
+    /// builds the dead letters, pseudonymized when so configured (all on the
+    /// blocking pool, so the runtime never stalls).
+    async fn build(&self, job: Vec<Work>) -> anyhow::Result<Vec<Built>> {
         let analysed = Instant::now();
         let (settings, privacy, identity) = (
             self.settings.clone(),
             self.privacy.clone(),
             self.identity.clone(),
         );
-        let built: Vec<(Packet, String, Option<i64>)> = tokio::task::spawn_blocking(move || {
-            let mut out = Vec::with_capacity(batches.len());
-            for mut batch in batches {
-                let reports = analysis::analyze(
-                    &batch.columns,
-                    &settings.analysis.slices,
-                    settings.analysis.top,
-                )?;
-                let packet = packet::build(&batch, &reports, &privacy, &identity, Utc::now());
-                let json = packet.to_json();
-                // The columns are the bulk of a batch; free them before delivery.
-                batch.columns = Columns::default();
-                let ts_max = batch.ts_max_ms;
-                out.push((packet, json, ts_max));
+        let dlq: Option<Arc<str>> = Some(self.settings.kafka.dlq_topic.as_str())
+            .filter(|t| !t.is_empty())
+            .map(Arc::from);
+        let (built, batches) = tokio::task::spawn_blocking(move || {
+            // Pseudonymizing a dead letter parses its payload: here, with the
+            // analysis, rather than on the consumer thread or an async worker.
+            let pseudonymized =
+                settings.privacy.dead_letters == DeadLetters::Pseudonymized && privacy.is_active();
+            let columns: Vec<&Columns> = job
+                .iter()
+                .flat_map(|w| w.batches.iter().map(|b| &b.columns))
+                .collect();
+            let batches = columns.len();
+            let mut reports =
+                analysis::analyze_many(&columns, &settings.analysis.slices, settings.analysis.top)?
+                    .into_iter();
+            let mut built = Vec::with_capacity(job.len());
+            for work in job {
+                let Work {
+                    batches,
+                    dead_letters,
+                    commit,
+                    messages,
+                    ..
+                } = work;
+                let dead_letter_records: Vec<OutRecord> = match &dlq {
+                    None => Vec::new(),
+                    Some(dlq) if pseudonymized => dead_letters
+                        .iter()
+                        .map(|m| OutRecord::pseudonymized_dead_letter(dlq, m, &privacy))
+                        .collect(),
+                    Some(dlq) => dead_letters
+                        .iter()
+                        .map(|m| OutRecord::dead_letter(dlq, m))
+                        .collect(),
+                };
+                let mut packets = Vec::with_capacity(batches.len());
+                for mut batch in batches {
+                    let reports = reports.next().expect("one list of reports per batch");
+                    let packet = packet::build(&batch, &reports, &privacy, &identity, Utc::now());
+                    let json = packet.to_json();
+                    // The columns are the bulk of a batch; free them before delivery.
+                    batch.columns = Columns::default();
+                    packets.push((packet, json));
+                }
+                built.push(Built {
+                    packets,
+                    dead_letter_records,
+                    dead_letters,
+                    commit,
+                    messages,
+                });
             }
-            anyhow::Ok(out)
+            anyhow::Ok((built, batches))
         })
         .await??;
-        if !built.is_empty() {
-            metrics::histogram!(telemetry::ANALYSIS_SECONDS)
-                .record(analysed.elapsed().as_secs_f64());
+        // Per batch, its share of the job.
+        if batches > 0 {
+            let each = analysed.elapsed().as_secs_f64() / batches as f64;
+            for _ in 0..batches {
+                metrics::histogram!(telemetry::ANALYSIS_SECONDS).record(each);
+            }
         }
+        Ok(built)
+    }
 
+    /// Publishes the job's packets and dead letters, work by work in order,
+    /// waits for every acknowledgement, appends the packets to the metrics
+    /// log, then reports each work delivered.
+    async fn publish(&self, mut built: Vec<Built>) -> anyhow::Result<Vec<Ack>> {
         let k = &self.settings.kafka;
-        let mut records = Vec::with_capacity(built.len() + dead_letters.len());
         let output: Arc<str> = Arc::from(k.output_topic.as_str());
-        for (packet, json, _) in &built {
-            records.push(OutRecord {
-                topic: output.clone(),
-                key: Some(packet.packet_id.clone().into_bytes()),
-                payload: Arc::from(json.as_bytes()),
-                headers: vec![("content-type", b"application/json".to_vec())],
-                reducible: false,
-            });
-        }
-        if !k.dlq_topic.is_empty() {
-            let dlq: Arc<str> = Arc::from(k.dlq_topic.as_str());
-            records.extend(dead_letters.iter().map(|m| OutRecord::dead_letter(&dlq, m)));
+        let mut records = Vec::new();
+        let mut lines = Vec::new();
+        for work in &mut built {
+            for (packet, json) in &work.packets {
+                records.push(OutRecord {
+                    topic: output.clone(),
+                    key: Some(packet.packet_id.clone().into_bytes()),
+                    payload: Arc::from(json.as_bytes()),
+                    headers: vec![("content-type", b"application/json".to_vec())],
+                    reducible: false,
+                });
+                lines.push(json.clone());
+            }
+            records.append(&mut work.dead_letter_records);
         }
         if !records.is_empty() {
-            let what = built
-                .first()
-                .map(|(p, _, _)| format!("packet {}", p.packet_id))
-                .unwrap_or_else(|| format!("{} dead letters", dead_letters.len()));
+            let packets = lines.len();
+            let dead_letters: usize = built.iter().map(|w| w.dead_letters.len()).sum();
+            let what = match built.iter().flat_map(|w| &w.packets).next() {
+                Some((first, _)) if packets > 1 => {
+                    format!("packet {} and {} more", first.packet_id, packets - 1)
+                }
+                Some((first, _)) => format!("packet {}", first.packet_id),
+                None => format!("{dead_letters} dead letters"),
+            };
             self.publisher.deliver(&records).await.context(what)?;
         }
 
-        if let (Some(log), false) = (&self.metrics_log, built.is_empty()) {
-            let lines: Vec<String> = built.iter().map(|(_, json, _)| json.clone()).collect();
+        if let (Some(log), false) = (&self.metrics_log, lines.is_empty()) {
             self.append_to_log(log, lines).await?;
         }
 
-        metrics::counter!(telemetry::MESSAGES).increment(messages);
+        let mut acks = Vec::with_capacity(built.len());
+        for work in built {
+            self.delivered(&work);
+            acks.push(Ack::Delivered {
+                commit: work.commit,
+                messages: work.messages,
+            });
+        }
+        Ok(acks)
+    }
+
+    /// Counts and logs a delivered work.
+    fn delivered(&self, work: &Built) {
+        let k = &self.settings.kafka;
+        metrics::counter!(telemetry::MESSAGES).increment(work.messages);
         // Late events are counted where they are judged, on the consumer thread.
-        for m in dead_letters.iter().filter(|m| m.kind != ErrorKind::Late) {
+        for m in work
+            .dead_letters
+            .iter()
+            .filter(|m| m.kind != ErrorKind::Late)
+        {
             metrics::counter!(telemetry::EVENTS_INVALID, "kind" => m.kind.as_str()).increment(1);
         }
         if !k.dlq_topic.is_empty() {
-            metrics::counter!(telemetry::DEAD_LETTERS).increment(dead_letters.len() as u64);
+            metrics::counter!(telemetry::DEAD_LETTERS).increment(work.dead_letters.len() as u64);
         }
-        for (packet, json, _) in &built {
+        for (packet, json) in &work.packets {
             metrics::counter!(telemetry::EVENTS_VALID).increment(packet.events.valid);
             metrics::counter!(telemetry::PACKETS).increment(1);
             metrics::counter!(telemetry::PACKET_BYTES).increment(json.len() as u64);
@@ -228,6 +399,5 @@ impl Delivery {
                 hook(packet);
             }
         }
-        Ok(Ack::Delivered { commit, messages })
     }
 }

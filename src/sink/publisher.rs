@@ -11,6 +11,11 @@
 //! *reduced* instead: its payload is cut to [`REDUCED_PAYLOAD_BYTES`], headers
 //! record the original size, and it is sent again. One oversized message in
 //! the input must never stop the stream.
+//!
+//! With fields pseudonymized and `privacy.dead_letters = "pseudonymized"`, a
+//! dead letter is built by [`OutRecord::pseudonymized_dead_letter`]: no raw
+//! value of those fields reaches the dead-letter topic, in the payload or in
+//! the key.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,6 +26,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use tracing::warn;
 
+use crate::core::privacy::Pseudonymizer;
 use crate::kafka::KafkaContext;
 use crate::settings::KafkaSettings;
 use crate::telemetry;
@@ -48,13 +54,48 @@ impl OutRecord {
             topic: topic.clone(),
             key: m.key.clone(),
             payload: Arc::from(m.payload.as_slice()),
-            headers: vec![
-                ("error.kind", m.kind.as_str().as_bytes().to_vec()),
-                ("error.reason", m.reason.as_bytes().to_vec()),
-                ("source.topic", m.topic.as_bytes().to_vec()),
-                ("source.partition", m.partition.to_string().into_bytes()),
-                ("source.offset", m.offset.to_string().into_bytes()),
-            ],
+            headers: dead_letter_headers(m),
+            reducible: true,
+        }
+    }
+
+    /// The dead letter of an invalid message as it may leave the process
+    /// when fields are pseudonymized: a JSON object payload with their values
+    /// replaced by pseudonyms ([`Pseudonymizer::clean_payload`]); any other
+    /// payload withheld (empty, `dead_letter.payload = withheld`, its size in
+    /// `dead_letter.original_bytes`), since what it holds cannot be told. The
+    /// key, which may be a user id or anything else the producer chose, is
+    /// replaced by its pseudonym: dead letters of one key still share one,
+    /// and it equals the pseudonym a field of the same value gets. The
+    /// `error.*` and `source.*` headers are kept (reasons never quote a
+    /// value), so the original can be read from the input topic by offset;
+    /// `dead_letter.pseudonymized = true` says that nothing here is raw.
+    pub fn pseudonymized_dead_letter(
+        topic: &Arc<str>,
+        m: &InvalidMessage,
+        privacy: &Pseudonymizer,
+    ) -> OutRecord {
+        let mut headers = dead_letter_headers(m);
+        headers.push(("dead_letter.pseudonymized", b"true".to_vec()));
+        let payload = match privacy.clean_payload(&m.payload) {
+            Some(cleaned) => Arc::from(cleaned),
+            None => {
+                headers.push(("dead_letter.payload", b"withheld".to_vec()));
+                headers.push((
+                    "dead_letter.original_bytes",
+                    m.payload.len().to_string().into_bytes(),
+                ));
+                Arc::from(&[][..])
+            }
+        };
+        OutRecord {
+            topic: topic.clone(),
+            key: m
+                .key
+                .as_deref()
+                .map(|k| privacy.pseudonym_of_bytes(k).into_bytes()),
+            payload,
+            headers,
             reducible: true,
         }
     }
@@ -76,6 +117,17 @@ impl OutRecord {
         r.reducible = false;
         r
     }
+}
+
+/// What was wrong with an invalid message and where it came from.
+fn dead_letter_headers(m: &InvalidMessage) -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("error.kind", m.kind.as_str().as_bytes().to_vec()),
+        ("error.reason", m.reason.as_bytes().to_vec()),
+        ("source.topic", m.topic.as_bytes().to_vec()),
+        ("source.partition", m.partition.to_string().into_bytes()),
+        ("source.offset", m.offset.to_string().into_bytes()),
+    ]
 }
 
 /// Whether a failed record would fail the same way however often it is sent.
@@ -351,6 +403,67 @@ mod tests {
                 ("source.topic", "user-login".into()),
                 ("source.partition", "2".into()),
                 ("source.offset", "41".into()),
+            ]
+        );
+    }
+
+    fn headers(r: &OutRecord) -> Vec<(&'static str, String)> {
+        r.headers
+            .iter()
+            .map(|(k, v)| (*k, String::from_utf8(v.clone()).unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn a_pseudonymized_dead_letter_carries_no_raw_value() {
+        use crate::core::event::Field;
+        let privacy = Pseudonymizer::new(b"k", &[Field::Ip, Field::DeviceId]);
+        let late = InvalidMessage {
+            topic: Arc::from("user-login"),
+            partition: 1,
+            offset: 9,
+            key: Some(b"u1".to_vec()),
+            payload: br#"{"user_id":"u1","ip":"10.0.0.1","device_id":"593-47-5928","timestamp":1}"#
+                .to_vec(),
+            kind: ErrorKind::Late,
+            reason: "late".into(),
+        };
+        let r = OutRecord::pseudonymized_dead_letter(&Arc::from("dlq"), &late, &privacy);
+        assert_eq!(
+            String::from_utf8(r.payload.to_vec()).unwrap(),
+            format!(
+                r#"{{"user_id":"u1","ip":"{}","device_id":"{}","timestamp":1}}"#,
+                privacy.pseudonym("10.0.0.1"),
+                privacy.pseudonym("593-47-5928")
+            )
+        );
+        assert_eq!(r.key, Some(privacy.pseudonym("u1").into_bytes()));
+        let raw = headers(&OutRecord::dead_letter(&Arc::from("dlq"), &late));
+        assert_eq!(
+            headers(&r),
+            [raw, vec![("dead_letter.pseudonymized", "true".into())]].concat()
+        );
+
+        let not_json = InvalidMessage {
+            payload: b"ip=10.0.0.1 device=593-47-5928".to_vec(),
+            kind: ErrorKind::NotJson,
+            reason: "not JSON".into(),
+            ..late
+        };
+        let r = OutRecord::pseudonymized_dead_letter(&Arc::from("dlq"), &not_json, &privacy);
+        assert!(r.payload.is_empty());
+        assert_eq!(r.key, Some(privacy.pseudonym("u1").into_bytes()));
+        let h = headers(&r);
+        assert_eq!(
+            &h[..5],
+            &headers(&OutRecord::dead_letter(&Arc::from("dlq"), &not_json))[..]
+        );
+        assert_eq!(
+            &h[5..],
+            [
+                ("dead_letter.pseudonymized", "true".to_string()),
+                ("dead_letter.payload", "withheld".into()),
+                ("dead_letter.original_bytes", "30".into()),
             ]
         );
     }

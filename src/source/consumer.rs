@@ -39,6 +39,7 @@ use crate::core::grouping::{Flow, Grouping};
 use crate::kafka;
 use crate::settings::KafkaSettings;
 use crate::source::fetch::{Fetch, FetchQueue, Fetched, Routes, FETCH_MAX};
+use crate::source::range::Bound;
 use crate::telemetry::{self, Health, LogLimit, Progress};
 use crate::work::Ack;
 use crate::work::{CloseReason, Message, Work};
@@ -76,19 +77,15 @@ pub struct SourceContext {
 
 impl ClientContext for SourceContext {
     fn stats(&self, stats: Statistics) {
-        let mut total_lag = 0i64;
         for (name, topic) in &stats.topics {
             for (id, p) in &topic.partitions {
                 // Partition -1 is librdkafka's internal unassigned partition.
                 if *id < 0 || p.consumer_lag < 0 {
                     continue;
                 }
-                total_lag += p.consumer_lag;
-                metrics::gauge!(telemetry::CONSUMER_LAG, "topic" => name.clone(), "partition" => id.to_string())
-                    .set(p.consumer_lag as f64);
+                self.progress.set_lag(name, *id, p.consumer_lag);
             }
         }
-        self.progress.lag.store(total_lag, Ordering::Relaxed);
         let up = stats.brokers.values().any(|b| b.state == "UP");
         self.health.set_brokers_up(up);
     }
@@ -129,6 +126,14 @@ impl ConsumerContext for SourceContext {
             if let Some(driver) = self.driver.lock().expect("driver lock").as_mut() {
                 driver.on_revoke(consumer);
             }
+            for e in tpl.elements() {
+                // Served again, a held queue's prefetched messages are
+                // dropped by librdkafka's version barrier instead of being
+                // kept until the partition comes back, if ever.
+                self.routes.release(e.topic(), e.partition());
+                // After the revocation's last commit: another member reports it now.
+                self.progress.forget_lag(e.topic(), e.partition());
+            }
             self.health.set_assigned(0);
         }
     }
@@ -168,6 +173,14 @@ impl ConsumerContext for SourceContext {
     }
 }
 
+/// A message against a bounded run's range ([`Driver::in_range`]).
+struct Admit {
+    /// In the range: processed.
+    admitted: bool,
+    /// Its partition is read to the end with it.
+    ends: bool,
+}
+
 /// The state of the consumer thread.
 pub struct Driver {
     grouping: Box<dyn Grouping>,
@@ -188,6 +201,8 @@ pub struct Driver {
     late_seen: u64,
     replayed_seen: u64,
     gauges_at: Instant,
+    /// A bounded run's range: where each partition ends, what is read.
+    bound: Option<Bound>,
 }
 
 /// The time bounds of the consumer thread.
@@ -227,6 +242,52 @@ impl Driver {
             late_seen: 0,
             replayed_seen: 0,
             gauges_at: Instant::now(),
+            bound: None,
+        }
+    }
+
+    /// Makes this a bounded run: it reads up to `bound`'s ends, then closes
+    /// everything, delivers, commits and stops ([`consume`] returns).
+    pub fn bounded(mut self, bound: Bound) -> Driver {
+        self.bound = Some(bound);
+        self
+    }
+
+    /// A bounded run whose every assigned partition is read to its end.
+    fn range_read(&self) -> bool {
+        self.bound.as_ref().is_some_and(Bound::complete)
+    }
+
+    /// Whether a message is in a bounded run's range, and whether it is the
+    /// one that reads its partition to the end (then [`Driver::end_of_range`]
+    /// follows once the message itself is processed).
+    fn in_range(&mut self, partition: i32, offset: i64) -> Admit {
+        let Some(bound) = &mut self.bound else {
+            return Admit {
+                admitted: true,
+                ends: false,
+            };
+        };
+        let was_read = bound.is_read(partition);
+        let admitted = bound.admits(partition, offset);
+        Admit {
+            admitted,
+            ends: !was_read && bound.is_read(partition),
+        }
+    }
+
+    fn end_of_range(&mut self, partition: i32, now: Instant) {
+        debug!(partition, "read to the end of the range");
+        self.grouping.end_partition(partition, now);
+    }
+
+    /// librdkafka's partition EOF: in a bounded run, the partition is read.
+    fn on_partition_eof(&mut self, partition: i32, now: Instant) {
+        if let Some(bound) = &mut self.bound {
+            if !bound.is_read(partition) {
+                bound.reached_end(partition);
+                self.end_of_range(partition, now);
+            }
         }
     }
 
@@ -253,27 +314,46 @@ impl Driver {
 
     /// A message from a partition consumed through the consumer queue.
     fn on_message(&mut self, m: &BorrowedMessage<'_>, now: Instant) {
-        let fetch = Fetch::new(
-            m.topic(),
-            m.partition(),
-            m.offset(),
-            m.key(),
-            m.payload().unwrap_or_default(),
-        );
-        self.progress.messages.fetch_add(1, Ordering::Relaxed);
-        self.on_record(&fetch, now);
+        let admit = self.in_range(m.partition(), m.offset());
+        if admit.admitted {
+            let fetch = Fetch::new(
+                m.topic(),
+                m.partition(),
+                m.offset(),
+                m.key(),
+                m.payload().unwrap_or_default(),
+            );
+            self.progress.messages.fetch_add(1, Ordering::Relaxed);
+            self.on_record(&fetch, now);
+        }
+        if admit.ends {
+            self.end_of_range(m.partition(), now);
+        }
     }
 
     /// One fetch's messages, in order.
     fn on_fetched(&mut self, fetched: &Fetched<'_>, now: Instant) {
         let mut messages = 0;
         for m in fetched.messages() {
+            if m.is_partition_eof() {
+                self.on_partition_eof(m.partition, now);
+                continue;
+            }
             if let Some(e) = m.error() {
                 kafka::report_error("consumer", &e, "fetch");
                 continue;
             }
-            messages += 1;
-            self.on_record(m, now);
+            let admit = self.in_range(m.partition, m.offset);
+            if admit.admitted {
+                messages += 1;
+                self.on_record(m, now);
+            }
+            // After the partition's last message is in its window: marked
+            // read before, the partition would stop holding the watermark
+            // and its own last event could find its window closed.
+            if admit.ends {
+                self.end_of_range(m.partition, now);
+            }
         }
         self.progress
             .messages
@@ -310,13 +390,18 @@ impl Driver {
     /// Applies the wall-clock rules, collects the work that is ready,
     /// applies grouping's pause and resume changes to the consumer and
     /// brings the counters and gauges up to date.
-    fn tick<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, now: Instant) {
+    fn tick<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        routes: &Routes,
+        now: Instant,
+    ) {
         for work in self.grouping.take_work(now) {
             self.push_ready(work);
         }
         let flows = self.grouping.take_flows();
         if !flows.is_empty() {
-            apply_flows(consumer, &flows, self.held);
+            apply_flows(consumer, routes, &flows, self.held);
             metrics::gauge!(telemetry::PARTITIONS_PAUSED).set(self.grouping.paused().len() as f64);
         }
         let stats = self.grouping.stats();
@@ -368,7 +453,7 @@ impl Driver {
     /// `max.poll.interval.ms` is kept, `/healthz` stays alive, and memory does
     /// not grow with messages that could not be delivered anyway. Window
     /// mode's alignment pauses stay as they are.
-    fn hold<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) {
+    fn hold<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, routes: &Routes) {
         let behind = !self.ready.is_empty();
         if behind == self.held {
             return;
@@ -376,15 +461,26 @@ impl Driver {
         let Ok(assignment) = consumer.assignment() else {
             return;
         };
+        // Partitions with queues of their own are held there (what
+        // librdkafka prefetched stays); the others only a pause can hold.
         let mut tpl = TopicPartitionList::new();
         let paused = self.grouping.paused();
         for e in assignment.elements() {
             let aligned = paused.contains(&e.partition());
             if behind || !aligned {
-                tpl.add_partition(e.topic(), e.partition());
+                let routed = if behind {
+                    routes.hold(e.topic(), e.partition())
+                } else {
+                    routes.release(e.topic(), e.partition())
+                };
+                if !routed {
+                    tpl.add_partition(e.topic(), e.partition());
+                }
             }
         }
-        let result = if behind {
+        let result = if tpl.count() == 0 {
+            Ok(())
+        } else if behind {
             consumer.pause(&tpl)
         } else {
             consumer.resume(&tpl)
@@ -543,6 +639,9 @@ impl Driver {
         self.held = false;
         metrics::gauge!(telemetry::CONSUMPTION_HELD).set(0.0);
         self.grouping.reset();
+        if let Some(bound) = &mut self.bound {
+            bound.revoke();
+        }
         metrics::gauge!(telemetry::PARTITIONS_PAUSED).set(0.0);
     }
 
@@ -552,10 +651,18 @@ impl Driver {
         consumer: &BaseConsumer<C>,
         tpl: &TopicPartitionList,
     ) {
+        let now = Instant::now();
         if !self.grouping.uses_checkpoints() {
+            if let Some(bound) = &mut self.bound {
+                let ps: Vec<(i32, Option<i64>)> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (e.partition(), None))
+                    .collect();
+                bound.assign(&ps);
+            }
             return;
         }
-        let now = Instant::now();
         let mut by_topic: Vec<(String, Vec<i32>)> = Vec::new();
         for e in tpl.elements() {
             match by_topic.iter_mut().find(|(t, _)| t == e.topic()) {
@@ -603,14 +710,29 @@ impl Driver {
                     Restore::Fresh => None,
                 };
                 self.grouping.assign(p, cp, committed, now);
+                let read = self
+                    .bound
+                    .as_mut()
+                    .map(|b| b.assign(&[(p, committed)]))
+                    .unwrap_or_default();
+                for p in read {
+                    self.end_of_range(p, now);
+                }
             }
         }
     }
 }
 
-/// Applies alignment's pause and resume changes; while consumption is `held`
-/// for delivery, resumes wait for [`Driver::hold`] to release it.
-fn apply_flows<C: ConsumerContext>(consumer: &BaseConsumer<C>, flows: &[Flow], held: bool) {
+/// Applies alignment's pause and resume changes: a partition with a queue of
+/// its own is held there, unread, with what librdkafka prefetched kept; any
+/// other is paused. While consumption is `held` for delivery, resumes wait
+/// for [`Driver::hold`] to release it.
+fn apply_flows<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    routes: &Routes,
+    flows: &[Flow],
+    held: bool,
+) {
     let Some(topic) = consumer
         .assignment()
         .ok()
@@ -625,6 +747,18 @@ fn apply_flows<C: ConsumerContext>(consumer: &BaseConsumer<C>, flows: &[Flow], h
             Flow::Resume(p) => (p, false),
         };
         if held && !pause {
+            continue;
+        }
+        let routed = if pause {
+            routes.hold(&topic, p)
+        } else {
+            routes.release(&topic, p)
+        };
+        if routed {
+            debug!(
+                partition = p,
+                pause, "partition held or released in its queue"
+            );
             continue;
         }
         tpl.add_partition(&topic, p);
@@ -653,13 +787,19 @@ pub fn consume(
 ) -> Result<(), String> {
     let mut driver = driver;
     driver.health = Some(health.clone());
+    let mut config = crate::kafka::consumer(k);
+    if driver.bound.is_some() {
+        // The end of a partition is how a bounded run knows an empty range,
+        // or one that ends in transaction markers, is read.
+        config.set("enable.partition.eof", "true");
+    }
     let context = SourceContext {
         driver: Mutex::new(Some(driver)),
         routes: Routes::default(),
         health: health.clone(),
         progress,
     };
-    let consumer: BaseConsumer<SourceContext> = crate::kafka::consumer(k)
+    let consumer: BaseConsumer<SourceContext> = config
         .create_with_context(context)
         .map_err(|e| format!("cannot create the Kafka consumer: {e}"))?;
     consumer
@@ -702,19 +842,21 @@ pub fn consume(
             clock_at = now;
         }
         // Errors were already reported through the context's error callback.
-        if let Some(Ok(m)) = polled {
-            driver.on_message(&m, now);
+        match &polled {
+            Some(Ok(m)) => driver.on_message(m, now),
+            Some(Err(KafkaError::PartitionEOF(p))) => driver.on_partition_eof(*p, now),
+            _ => {}
         }
         if !fetched.is_empty() {
             driver.on_fetched(&fetched, now);
         }
         drop(fetched);
-        driver.tick(&consumer, now);
+        driver.tick(&consumer, &consumer.context().routes, now);
         // Already held: offer the work again without waiting, and go on
         // polling. Otherwise wait a little for delivery to take it.
         let wait = (!driver.held).then(|| now + HOLD_AFTER);
         driver.dispatch(wait);
-        driver.hold(&consumer);
+        driver.hold(&consumer, &consumer.context().routes);
         if arrived {
             last_arrival = now;
         }
@@ -736,11 +878,27 @@ pub fn consume(
             // promptly.
             timeout = timeout.min(ACK_POLL);
         }
+        if driver.range_read() {
+            info!("the range is read: closing every window, delivering and committing");
+            break;
+        }
     }
 
     let mut driver = lock(&consumer).take().expect("driver present until here");
-    driver.drain(&consumer, CloseReason::Shutdown, Instant::now(), None);
+    let now = Instant::now();
+    if driver.range_read() && driver.ledger.failure().is_none() {
+        for work in driver.grouping.finish(now) {
+            driver.push_ready(work);
+        }
+    }
+    driver.drain(&consumer, CloseReason::Shutdown, now, None);
     driver.to_delivery = None;
+    // Nothing stays open or buffered in this process after the run; the
+    // scrape of a process kept alive (demo --serve) must say so.
+    driver.progress.open_windows.store(0, Ordering::Relaxed);
+    metrics::gauge!(telemetry::WINDOWS_OPEN).set(0.0);
+    metrics::gauge!(telemetry::EVENTS_BUFFERED).set(0.0);
+    metrics::gauge!(telemetry::PARTITIONS_PAUSED).set(0.0);
     health.stopped();
     match driver.ledger.failure() {
         Some(reason) => Err(reason.to_string()),

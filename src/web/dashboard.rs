@@ -20,13 +20,23 @@
 //! Access: the page and `/api/*` show personal data (user ids, IP addresses,
 //! device ids unless pseudonymized). With `telemetry.token` set they answer
 //! 401 unless the request carries `Authorization: Bearer <token>` or
-//! `?token=<token>`, compared in constant time ([`TokenCheck`]). The script
-//! and style sheet under `/assets/` hold no data and stay open, as do
-//! `/metrics`, `/healthz` and `/readyz` (served by [`crate::telemetry`]).
+//! `?token=<token>`, compared in constant time ([`TokenCheck`]). Without a
+//! token they answer 403 unless the request's `Host` is an IP address or a
+//! name of `telemetry.allowed_hosts` ([`HostCheck`]): a page on another site
+//! whose name an attacker points at 127.0.0.1 (DNS rebinding) sends its own
+//! name as `Host` and is refused. The script and style sheet under
+//! `/assets/` hold no data and stay open, as do `/metrics`, `/healthz` and
+//! `/readyz` (served by [`crate::web::server`]).
+//!
+//! `/api/packets` answers with the stored packets' bytes as they are
+//! ([`bytes::Bytes`] shared with the store), so a request for all of them
+//! costs a list of handles, not a copy of the store.
 
 use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::extract::{Request, State};
@@ -36,6 +46,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use bytes::Bytes;
 use chrono::{SecondsFormat, Utc};
 use hmac::{Hmac, Mac};
 use serde_json::json;
@@ -80,7 +91,7 @@ struct Stored {
     emitted_at: String,
     closed_by: String,
     /// The packet's JSON as published (the output topic's record value).
-    json: Arc<str>,
+    json: Bytes,
 }
 
 /// The most recent packets, newest last, at most `capacity` of them.
@@ -104,8 +115,8 @@ struct StoreInner {
 /// An answer of [`PacketStore::recent`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Recent {
-    /// The packets' JSON, newest first.
-    pub packets: Vec<Arc<str>>,
+    /// The packets' JSON, newest first (shared with the store, not copied).
+    pub packets: Vec<Bytes>,
     /// Sequence number of the newest packet stored (0: none yet). A client
     /// passes it as `after` next time to get only what is new.
     pub seq: u64,
@@ -137,7 +148,7 @@ impl PacketStore {
             packet_id: packet.packet_id.clone(),
             emitted_at: packet.emitted_at.clone(),
             closed_by: packet.window.closed_by.clone(),
-            json: Arc::from(packet.to_json()),
+            json: Bytes::from(packet.to_json()),
         };
         let mut inner = self.lock();
         inner.seq += 1;
@@ -268,6 +279,53 @@ impl TokenCheck {
     }
 }
 
+/// Which `Host` header values may see an open dashboard: IP addresses (a
+/// rebinding attack needs a name of its own), requests without one (not
+/// from a browser), and the configured names, compared without case and
+/// port; `*` allows any.
+#[derive(Debug, Clone)]
+pub struct HostCheck {
+    names: Vec<String>,
+    any: bool,
+}
+
+impl HostCheck {
+    pub fn new(names: &[String]) -> HostCheck {
+        HostCheck {
+            names: names
+                .iter()
+                .map(|n| n.trim().to_ascii_lowercase())
+                .collect(),
+            any: names.iter().any(|n| n.trim() == "*"),
+        }
+    }
+
+    pub fn allows(&self, host: Option<&[u8]>) -> bool {
+        let Some(host) = host else {
+            return true;
+        };
+        if self.any {
+            return true;
+        }
+        let Ok(host) = std::str::from_utf8(host) else {
+            return false;
+        };
+        let host = host.trim().to_ascii_lowercase();
+        // [v6]:port, [v6], v4:port, name:port, name
+        let name = match host.strip_prefix('[') {
+            Some(rest) => match rest.split_once(']') {
+                Some((inside, _)) => inside,
+                None => return false,
+            },
+            None => host
+                .rsplit_once(':')
+                .map_or(host.as_str(), |(name, _)| name),
+        };
+        let name = name.trim_end_matches('.');
+        name.parse::<std::net::IpAddr>().is_ok() || self.names.iter().any(|n| n == name)
+    }
+}
+
 fn tag(value: &[u8]) -> Hmac<Sha256> {
     let mut mac =
         Hmac::<Sha256>::new_from_slice(TOKEN_MAC_KEY).expect("HMAC takes keys of any length");
@@ -370,6 +428,7 @@ pub struct Dashboard {
     health: Arc<Health>,
     rate: Arc<Mutex<RateSampler>>,
     access: TokenCheck,
+    hosts: HostCheck,
     view: Arc<View>,
     started: Instant,
 }
@@ -383,6 +442,7 @@ impl Dashboard {
             health: Arc::default(),
             rate: Arc::default(),
             access: TokenCheck::new(s.telemetry.token.expose()),
+            hosts: HostCheck::new(&s.telemetry.allowed_hosts),
             view: Arc::new(View {
                 mode: s.batch.mode,
                 slices: s
@@ -510,8 +570,11 @@ impl Dashboard {
             .route("/api/status", get(api_status))
             .route("/api/packets", get(api_packets))
             .route_layer(middleware::from_fn_with_state(
-                self.access.clone(),
-                require_token,
+                Access {
+                    token: self.access.clone(),
+                    hosts: self.hosts.clone(),
+                },
+                require_access,
             ));
         Router::new()
             .route("/assets/dashboard.js", get(script))
@@ -521,13 +584,39 @@ impl Dashboard {
     }
 }
 
-/// Lets a request through when [`TokenCheck::allows`] it; else 401.
-async fn require_token(State(access): State<TokenCheck>, request: Request, next: Next) -> Response {
+/// The dashboard's access rule: a token when one is set, else a known `Host`.
+#[derive(Clone)]
+struct Access {
+    token: TokenCheck,
+    hosts: HostCheck,
+}
+
+/// Lets a request through when [`TokenCheck::allows`] it (401 otherwise) and,
+/// without a token, when [`HostCheck::allows`] its `Host` (403 otherwise).
+async fn require_access(State(access): State<Access>, request: Request, next: Next) -> Response {
+    if access.token.is_open() {
+        let host = request
+            .headers()
+            .get(header::HOST)
+            .map(HeaderValue::as_bytes);
+        if !access.hosts.allows(host) {
+            return (
+                StatusCode::FORBIDDEN,
+                [
+                    (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+                    (header::CACHE_CONTROL, "no-store"),
+                ],
+                "403 forbidden: this Host is not in telemetry.allowed_hosts (add the name you use, or set telemetry.token)\n",
+            )
+                .into_response();
+        }
+        return next.run(request).await;
+    }
     let auth = request
         .headers()
         .get(header::AUTHORIZATION)
         .map(HeaderValue::as_bytes);
-    if access.allows(auth, request.uri().query()) {
+    if access.token.allows(auth, request.uri().query()) {
         return next.run(request).await;
     }
     (
@@ -617,22 +706,86 @@ async fn api_packets(State(d): State<Dashboard>, request: Request) -> Response {
     let recent = d
         .store
         .recent(usize::try_from(limit).unwrap_or(usize::MAX), after);
-    let mut body =
-        String::with_capacity(recent.packets.iter().map(|p| p.len() + 1).sum::<usize>() + 2);
-    body.push('[');
-    for (i, p) in recent.packets.iter().enumerate() {
-        if i > 0 {
-            body.push(',');
-        }
-        body.push_str(p);
-    }
-    body.push(']');
-    let mut response = json_response(body).into_response();
-    response.headers_mut().insert(
-        HeaderName::from_static(SEQ_HEADER),
-        HeaderValue::from(recent.seq),
-    );
+    let seq = recent.seq;
+    let body = axum::body::Body::new(JsonArray::new(recent.packets));
+    let mut response = (page_headers("application/json", "no-store"), body).into_response();
     response
+        .headers_mut()
+        .insert(HeaderName::from_static(SEQ_HEADER), HeaderValue::from(seq));
+    response
+}
+
+/// A JSON array sent element by element from shared buffers: `[`, each
+/// packet, separated by `,`, then `]`. A separator is a chunk of its own, so
+/// a packet's bytes are never copied.
+struct JsonArray {
+    items: std::vec::IntoIter<Bytes>,
+    opened: bool,
+    comma: bool,
+    closed: bool,
+    remaining: u64,
+}
+
+impl JsonArray {
+    fn new(items: Vec<Bytes>) -> JsonArray {
+        let commas = items.len().saturating_sub(1) as u64;
+        let remaining = 2 + commas + items.iter().map(|b| b.len() as u64).sum::<u64>();
+        JsonArray {
+            items: items.into_iter(),
+            opened: false,
+            comma: false,
+            closed: false,
+            remaining,
+        }
+    }
+
+    fn next_chunk(&mut self) -> Option<Bytes> {
+        if !self.opened {
+            self.opened = true;
+            return Some(Bytes::from_static(b"["));
+        }
+        if self.closed {
+            return None;
+        }
+        if self.comma && self.items.len() > 0 {
+            self.comma = false;
+            return Some(Bytes::from_static(b","));
+        }
+        match self.items.next() {
+            Some(item) => {
+                self.comma = true;
+                Some(item)
+            }
+            None => {
+                self.closed = true;
+                Some(Bytes::from_static(b"]"))
+            }
+        }
+    }
+}
+
+impl http_body::Body for JsonArray {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let chunk = self.next_chunk();
+        if let Some(c) = &chunk {
+            self.remaining -= c.len() as u64;
+        }
+        Poll::Ready(chunk.map(|c| Ok(http_body::Frame::data(c))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.closed
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.remaining)
+    }
 }
 
 struct DecrementOnDrop<'a>(&'a AtomicUsize);
@@ -675,8 +828,68 @@ mod tests {
     fn ids(r: &Recent) -> Vec<String> {
         r.packets
             .iter()
-            .map(|j| serde_json::from_str::<Packet>(j).unwrap().packet_id)
+            .map(|j| serde_json::from_slice::<Packet>(j).unwrap().packet_id)
             .collect()
+    }
+
+    fn drain(mut body: JsonArray) -> (Vec<u8>, u64) {
+        let declared = http_body::Body::size_hint(&body).exact().unwrap();
+        let mut out = Vec::new();
+        while let Some(chunk) = body.next_chunk() {
+            out.extend_from_slice(&chunk);
+        }
+        (out, declared)
+    }
+
+    #[test]
+    fn packets_are_sent_as_a_json_array_of_the_stored_bytes() {
+        for items in [
+            vec![],
+            vec!["{\"a\":1}"],
+            vec!["{\"a\":1}", "{}", "{\"b\":[2]}"],
+        ] {
+            let stored: Vec<Bytes> = items.iter().map(|i| Bytes::from(i.to_string())).collect();
+            let (out, declared) = drain(JsonArray::new(stored.clone()));
+            assert_eq!(
+                String::from_utf8(out.clone()).unwrap(),
+                format!("[{}]", items.join(","))
+            );
+            assert_eq!(declared, out.len() as u64);
+            // Shared, not copied: the chunks point into the stored buffers.
+            let mut body = JsonArray::new(stored.clone());
+            let chunks: Vec<Bytes> = std::iter::from_fn(|| body.next_chunk()).collect();
+            for s in &stored {
+                assert!(chunks.iter().any(|c| c.as_ptr() == s.as_ptr()));
+            }
+        }
+    }
+
+    #[test]
+    fn an_open_dashboard_answers_ip_addresses_and_the_allowed_names_only() {
+        let check = HostCheck::new(&["localhost".into(), "Metrics.Example".into()]);
+        for allowed in [
+            "localhost:9464",
+            "LOCALHOST",
+            "localhost.",
+            "127.0.0.1:9464",
+            "10.0.0.7",
+            "[::1]:9464",
+            "[::1]",
+            "metrics.example:80",
+        ] {
+            assert!(check.allows(Some(allowed.as_bytes())), "{allowed}");
+        }
+        for refused in [
+            "attacker.example:9464",
+            "localhost.attacker.example",
+            "127.0.0.1.nip.io",
+            "[::1",
+            "",
+        ] {
+            assert!(!check.allows(Some(refused.as_bytes())), "{refused}");
+        }
+        assert!(check.allows(None), "no Host: not a browser");
+        assert!(HostCheck::new(&["*".into()]).allows(Some(b"anything.example")));
     }
 
     #[test]
@@ -718,7 +931,7 @@ mod tests {
         let store = PacketStore::new(RECENT_PACKETS);
         let p = packet("abc");
         store.push(&p);
-        assert_eq!(&*store.recent(1, 0).packets[0], p.to_json().as_str());
+        assert_eq!(&*store.recent(1, 0).packets[0], p.to_json().as_bytes());
     }
 
     #[tokio::test]

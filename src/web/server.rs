@@ -1,8 +1,18 @@
 //! The HTTP listener on `telemetry.listen`: `/metrics` (Prometheus text),
 //! `/healthz`, `/readyz`, and the live dashboard's routes
 //! ([`crate::web::dashboard`]) merged onto the same listener.
+//!
+//! The listener runs on a thread and runtime of its own, at a lower
+//! scheduling priority than the pipeline: thousands of open pages waking at
+//! once for a new packet, or a flood of connections, are served with what
+//! the pipeline leaves, never on the runtime that delivers packets.
+//! Connections are bounded ([`Limits::max_connections`]; one more is answered
+//! 503 and closed), a request's headers must arrive within
+//! [`Limits::header_timeout`] (which also closes connections idle between
+//! requests), and a connection lives at most [`MAX_CONNECTION_AGE`].
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,11 +20,48 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
-use crate::telemetry::{prometheus, Health, UPTIME};
+use crate::telemetry::{self, prometheus, Health, UPTIME};
+
+/// A connection older than this is closed once its current response is sent
+/// (a page reconnects at once); one whose response does not drain within
+/// [`CLOSE_GRACE`] after that is dropped. Bounds what a client that never
+/// reads its response can hold.
+pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(300);
+const CLOSE_GRACE: Duration = Duration::from_secs(35);
+
+/// What one listener accepts.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections served at once; more are answered 503 and closed.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers, counted from the
+    /// connection (or the previous response) on.
+    pub header_timeout: Duration,
+}
+
+impl Limits {
+    pub fn of(settings: &telemetry::TelemetrySettings) -> Limits {
+        Limits {
+            max_connections: settings.max_connections,
+            header_timeout: settings.header_timeout,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_connections: 4096,
+            header_timeout: Duration::from_secs(10),
+        }
+    }
+}
 
 #[derive(Clone)]
 struct AppState {
@@ -30,7 +77,7 @@ pub async fn serve(
     health: Arc<Health>,
     shutdown: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
-    serve_with(addr, health, None, shutdown).await
+    serve_with(addr, health, None, Limits::default(), shutdown).await
 }
 
 /// As [`serve`], with the routes of `dashboard` (see [`crate::web::dashboard`])
@@ -40,6 +87,7 @@ pub async fn serve_with(
     addr: SocketAddr,
     health: Arc<Health>,
     dashboard: Option<Router>,
+    limits: Limits,
     shutdown: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
     let state = AppState {
@@ -57,19 +105,145 @@ pub async fn serve_with(
         Some(routes) => app.merge(routes),
         None => app,
     };
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    // Bound here, so that a taken port is this call's error.
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
     let bound = listener.local_addr()?;
+    let limits = Limits {
+        max_connections: within_file_limit(limits.max_connections),
+        ..limits
+    };
     if with_dashboard {
-        info!(address = %bound, "serving the dashboard at /, /metrics, /healthz and /readyz");
+        info!(address = %bound, max_connections = limits.max_connections, "serving the dashboard at /, /metrics, /healthz and /readyz");
     } else {
-        info!(address = %bound, "serving /metrics, /healthz and /readyz");
+        info!(address = %bound, max_connections = limits.max_connections, "serving /metrics, /healthz and /readyz");
     }
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await;
-    });
+    std::thread::Builder::new()
+        .name("http".into())
+        .spawn(move || {
+            lower_priority();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime for the HTTP listener");
+            runtime.block_on(async move {
+                match tokio::net::TcpListener::from_std(listener) {
+                    Ok(listener) => accept_loop(listener, app, limits, shutdown).await,
+                    Err(e) => warn!(error = %e, "the HTTP listener cannot start"),
+                }
+            });
+        })?;
     Ok(bound)
+}
+
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: Limits,
+    shutdown: CancellationToken,
+) {
+    let open = Arc::new(AtomicUsize::new(0));
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(64 * 1024);
+    let builder = Arc::new(builder);
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, mostly: wait for some to close.
+                    warn!(error = %e, "the HTTP listener cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        if open.load(Ordering::Relaxed) >= limits.max_connections {
+            metrics::counter!(telemetry::HTTP_REFUSED).increment(1);
+            // Best effort: the request is not read, the socket is closed.
+            let _ = stream.try_write(
+                b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\ncontent-length: 24\r\n\r\ntoo many connections now",
+            );
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        open.fetch_add(1, Ordering::Relaxed);
+        metrics::gauge!(telemetry::HTTP_CONNECTIONS).increment(1.0);
+        let guard = OpenConnection(open.clone());
+        let service = TowerToHyperService::new(app.clone());
+        let builder = builder.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = tokio::time::sleep(MAX_CONNECTION_AGE) => {}
+                _ = shutdown.cancelled() => {}
+            }
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(CLOSE_GRACE, conn).await;
+        });
+    }
+}
+
+struct OpenConnection(Arc<AtomicUsize>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+        metrics::gauge!(telemetry::HTTP_CONNECTIONS).decrement(1.0);
+    }
+}
+
+/// The HTTP thread yields to the pipeline's threads when both want the CPU.
+fn lower_priority() {
+    // SAFETY: setpriority on this thread's own id; no memory is shared.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+    }
+}
+
+/// Connections need file descriptors, which the Kafka clients need too: the
+/// soft limit is raised to the hard one, and the connection limit kept
+/// below what remains after a reserve for the rest of the process.
+fn within_file_limit(wanted: usize) -> usize {
+    const RESERVE: usize = 512;
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: get/setrlimit with a valid pointer to a local struct.
+    let available = unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return wanted;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit.rlim_cur = limit.rlim_max;
+            }
+        }
+        usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX)
+    };
+    let allowed = available.saturating_sub(RESERVE).max(16);
+    if wanted > allowed {
+        warn!(
+            "telemetry.max_connections is {wanted}, but the file descriptor limit ({available}) leaves room for {allowed}; serving at most {allowed}"
+        );
+        allowed
+    } else {
+        wanted
+    }
 }
 
 async fn metrics_page(State(s): State<AppState>) -> String {
@@ -126,7 +300,11 @@ pub fn check_health(url: &str) -> Result<(), String> {
     let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))
         .map_err(|e| format!("{addr}: {e}"))?;
     stream.set_read_timeout(Some(Duration::from_secs(3))).ok();
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").map_err(|e| e.to_string())?;
+    // One write: a listener may answer and close after the first segment.
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| e.to_string())?;
     let mut response = String::new();
     stream
         .read_to_string(&mut response)

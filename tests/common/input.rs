@@ -73,6 +73,17 @@ pub fn input(partition: i32, payload: impl Into<Vec<u8>>) -> Input {
 
 /// Produces messages in order and waits for all of them; returns each one's offset.
 pub fn produce(bootstrap: &str, topic: &str, messages: &[Input]) -> Vec<i64> {
+    produce_at(bootstrap, topic, messages, None)
+}
+
+/// [`produce`], with each message's record timestamp (epoch milliseconds)
+/// when `timestamps` is given, else the producer's clock.
+pub fn produce_at(
+    bootstrap: &str,
+    topic: &str,
+    messages: &[Input],
+    timestamps: Option<&[i64]>,
+) -> Vec<i64> {
     let producer: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("enable.idempotence", "true")
@@ -81,12 +92,15 @@ pub fn produce(bootstrap: &str, topic: &str, messages: &[Input]) -> Vec<i64> {
         .set("message.max.bytes", "4000000")
         .create()
         .expect("test producer");
-    for m in messages {
+    for (i, m) in messages.iter().enumerate() {
         let mut r = BaseRecord::<str, [u8]>::to(topic)
             .partition(m.partition)
             .payload(&m.payload);
         if let Some(k) = &m.key {
             r = r.key(k.as_str());
+        }
+        if let Some(ts) = timestamps {
+            r = r.timestamp(ts[i]);
         }
         loop {
             match producer.send(r) {

@@ -70,8 +70,8 @@ pub fn packet_rows(p: &Packet, slice_index: usize) -> Rows {
         .collect()
 }
 
-/// Validates packets against docs/packet.schema.json.
-pub fn assert_schema_valid(packets: &[Value]) {
+/// docs/packet.schema.json, compiled.
+fn packet_schema() -> (boon::Schemas, boon::SchemaIndex) {
     let schema: Value =
         serde_json::from_str(include_str!("../../docs/packet.schema.json")).unwrap();
     let url = "https://login-metrics.dev/schema/packet/v2.json";
@@ -81,6 +81,19 @@ pub fn assert_schema_valid(packets: &[Value]) {
     let idx = compiler
         .compile(url, &mut schemas)
         .expect("schema compiles");
+    (schemas, idx)
+}
+
+/// Validates one packet against docs/packet.schema.json: the validator's
+/// report when it does not match.
+pub fn schema_errors(packet: &Value) -> Result<(), String> {
+    let (schemas, idx) = packet_schema();
+    schemas.validate(packet, idx).map_err(|e| format!("{e:#}"))
+}
+
+/// Validates packets against docs/packet.schema.json.
+pub fn assert_schema_valid(packets: &[Value]) {
+    let (schemas, idx) = packet_schema();
     for p in packets {
         if let Err(e) = schemas.validate(p, idx) {
             panic!("packet does not match docs/packet.schema.json: {e:#}\n{p}");

@@ -59,11 +59,16 @@ pub fn base(committed: &[i64]) -> HashMap<i32, i64> {
 impl Service {
     /// Starts `login-metrics run` with `env` (full variable names) and a metrics log in `dir`.
     pub fn start(dir: &Path, name: &str, env: &[(String, String)]) -> Service {
+        Service::start_with(dir, name, env, &[])
+    }
+
+    /// [`Service::start`] with arguments after `run` (a bounded run's range).
+    pub fn start_with(dir: &Path, name: &str, env: &[(String, String)], args: &[&str]) -> Service {
         let log_path = dir.join(format!("{name}.metrics.log"));
         let stderr_path = dir.join(format!("{name}.stderr.log"));
         let metrics_port = free_port();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_login-metrics"));
-        cmd.arg("run");
+        cmd.arg("run").args(args);
         for (k, _) in std::env::vars() {
             if k.starts_with("LOGIN_METRICS__") {
                 cmd.env_remove(k);

@@ -308,7 +308,7 @@ fn kill_9_with_batches_in_flight_loses_nothing() {
     let c = split_cluster(3, group);
     let bs = c.bootstrap_servers();
     let dir = tempfile::tempdir().unwrap();
-    let (inputs, malformed) = generated_input(35, 5_000, 24_000, 3);
+    let (inputs, malformed) = generated_input(35, 5_000, 60_000, 3);
     let input = produce_input(&bs, &inputs, &malformed);
     let ends = end_offsets(&input, 3);
     let e = logged_env(

@@ -441,3 +441,146 @@ async fn an_undeliverable_batch_is_never_committed_and_is_processed_again() {
     );
     assert_eq!(committed(&bs, "login-metrics", 1), vec![50]);
 }
+
+/// A packet of each mode as the service builds it, through its own grouping,
+/// analysis and packet builder (no broker): an arrival batch closed by
+/// shutdown, and a window closed by watermark; each with an invalid message.
+fn built_packets() -> Vec<Value> {
+    use login_metrics::core::analysis;
+    use login_metrics::core::event::{self, Field, Requirements};
+    use login_metrics::core::grouping::arrival::{Batcher, Limits};
+    use login_metrics::core::grouping::window::{LatePolicy, WindowConfig, Windower};
+    use login_metrics::core::packet::{self, Identity};
+    use login_metrics::core::privacy::Pseudonymizer;
+    use login_metrics::work::{Batch, CloseReason, Coord};
+    use std::time::Instant;
+
+    let required = Requirements {
+        fields: vec![Field::UserId],
+        timestamp: true,
+        not_after_ms: None,
+    };
+    let slices = vec![vec![Field::Ip], vec![Field::UserId, Field::Ip]];
+    let privacy = Pseudonymizer::disabled();
+    let identity = Identity::new("login-metrics", INPUT, &slices, 10, &privacy);
+    let now = Instant::now();
+    // Ten events in [1_700_000_000 s, +10 s), an invalid message, then an
+    // event 25 s later whose progress closes that window by watermark.
+    let mut payloads: Vec<String> = (0..10)
+        .map(|i| valid_event(&format!("u{}", i % 3), "10.0.0.1", 1_700_000_000 + i))
+        .collect();
+    payloads.insert(5, "not json".to_string());
+    payloads.push(valid_event("u9", "10.0.0.2", 1_700_000_025));
+
+    let mut batcher = Batcher::new(Limits {
+        max_events: 1_000,
+        max_span: Duration::from_secs(3600),
+        max_wait: Duration::from_secs(3600),
+    });
+    let mut windower = Windower::new(
+        WindowConfig {
+            size: Duration::from_secs(10),
+            hop: Duration::from_secs(10),
+            grace: Duration::ZERO,
+            idle: Duration::from_secs(3600),
+            max_wait: Duration::from_secs(3600),
+            max_events: 1_000,
+            max_buffered: usize::MAX,
+            max_dead_letters: usize::MAX,
+            late: LatePolicy::DeadLetter,
+        },
+        INPUT,
+    );
+    windower.assign(0, None, None, now);
+    let mut batches: Vec<Batch> = Vec::new();
+    for (offset, payload) in payloads.iter().enumerate() {
+        let offset = offset as i64;
+        let coord = Coord {
+            topic: INPUT,
+            partition: 0,
+            offset,
+        };
+        match event::parse(payload.as_bytes(), &required) {
+            Ok(e) => {
+                batcher.push_event(coord, &e, now, &mut batches);
+                windower.push_event(0, offset, None, payload.as_bytes(), &e, now);
+            }
+            Err(e) => {
+                batcher.push_invalid(
+                    coord,
+                    None,
+                    payload.as_bytes(),
+                    e.clone(),
+                    now,
+                    &mut batches,
+                );
+                windower.push_invalid(0, offset, None, payload.as_bytes(), e, now);
+            }
+        }
+    }
+    batches.extend(batcher.close(CloseReason::Shutdown));
+    batches.extend(
+        windower
+            .take_work(now, false)
+            .into_iter()
+            .flat_map(|w| w.batches),
+    );
+    let packets: Vec<Value> = batches
+        .iter()
+        .map(|b| {
+            let reports = analysis::analyze(&b.columns, &slices, 10).unwrap();
+            let p = packet::build(b, &reports, &privacy, &identity, chrono::Utc::now());
+            serde_json::to_value(p).unwrap()
+        })
+        .collect();
+    let closed_by: Vec<&str> = packets
+        .iter()
+        .map(|p| p["window"]["closed_by"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        closed_by,
+        ["shutdown", "watermark"],
+        "one packet of each mode"
+    );
+    packets
+}
+
+/// Readers that validate with docs/packet.schema.json keep reading packets of
+/// a later version that adds fields (docs/packet.md): an added field, at any
+/// level of the packet, still matches. What the schema requires stays required.
+#[test]
+fn a_packet_with_added_fields_still_matches_the_schema() {
+    let mut refused = Vec::new();
+    for packet in built_packets() {
+        assert_schema_valid(std::slice::from_ref(&packet));
+        let mode = packet["window"]["closed_by"].clone();
+        for at in ["", "/window", "/events", "/sources/0", "/metrics/0"] {
+            let mut p = packet.clone();
+            p.pointer_mut(at)
+                .and_then(Value::as_object_mut)
+                .unwrap_or_else(|| panic!("{at} is an object"))
+                .insert("added_later".into(), json!({"any": ["shape", 1, null]}));
+            if let Err(e) = schema_errors(&p) {
+                refused.push(format!("closed by {mode}, a field added at `{at}/`: {e}"));
+            }
+        }
+        for (at, field) in [
+            ("", "packet_id"),
+            ("/window", "closed_by"),
+            ("/events", "valid"),
+            ("/sources/0", "last_offset"),
+            ("/metrics/0", "duplicates"),
+        ] {
+            let mut p = packet.clone();
+            p.pointer_mut(at)
+                .and_then(Value::as_object_mut)
+                .unwrap()
+                .remove(field);
+            assert!(
+                schema_errors(&p).is_err(),
+                "a packet without `{at}/{field}` still matches"
+            );
+        }
+    }
+    assert!(refused.is_empty(), "refused:\n{}", refused.join("\n"));
+}

@@ -115,6 +115,39 @@ fn health_fails_when_nothing_listens() {
     assert!(err.contains("unhealthy"), "{err}");
 }
 
+/// Without `--url`, `health` asks the listener the configuration names (a
+/// container that moves `telemetry.listen` keeps a working health check).
+#[test]
+fn health_asks_the_configured_listener() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut request = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !request.ends_with(b"\r\n\r\n") {
+            let n = conn.read(&mut buf).unwrap();
+            assert!(n > 0, "the request ends early");
+            request.extend_from_slice(&buf[..n]);
+        }
+        conn.write_all(b"HTTP/1.0 200 OK\r\n\r\nok\n").unwrap();
+        String::from_utf8_lossy(&request).into_owned()
+    });
+    let (out, _, err) = run(bin().arg("health").env(
+        "LOGIN_METRICS__TELEMETRY__LISTEN",
+        format!("0.0.0.0:{port}"),
+    ));
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(server.join().unwrap().starts_with("GET /healthz "));
+
+    let (out, _, err) = run(bin()
+        .arg("health")
+        .env("LOGIN_METRICS__TELEMETRY__LISTEN", ""));
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("telemetry.listen"), "{err}");
+}
+
 #[test]
 fn demo_runs_on_the_mock_cluster_and_leaves_the_metrics_log() {
     let dir = tempfile::tempdir().unwrap();
@@ -152,6 +185,14 @@ fn demo_runs_on_the_mock_cluster_and_leaves_the_metrics_log() {
         text.contains(&format!("windows           {} (", windows.len())),
         "{text}"
     );
+    // A bounded run: the last windows close when the input is read, not
+    // batch.max_wait later; nothing else closes by wall clock.
+    let closed_by: std::collections::BTreeSet<&str> = packets
+        .iter()
+        .map(|p| p["window"]["closed_by"].as_str().unwrap())
+        .collect();
+    assert!(closed_by.contains("end"), "{closed_by:?}");
+    assert!(!closed_by.contains("wait"), "{closed_by:?}");
 }
 
 /// The number on the summary line that starts with `label` (or, for "late

@@ -1,5 +1,5 @@
 //! Tests that need no external broker: the command line, the compose
-//! files, the layout of the crate, the metrics log reader, property tests of
+//! files, the Dockerfile, the layout of the crate, the metrics log reader, property tests of
 //! the pure core (counting, timestamps, windows), and the telemetry of one
 //! run on librdkafka's in-process mock cluster.
 
@@ -8,7 +8,9 @@ mod common;
 
 mod cli;
 mod compose;
+mod dockerfile;
 mod layout;
+mod monitoring;
 mod prop_analysis;
 mod prop_timestamp;
 mod prop_window;

@@ -3,7 +3,9 @@
 
 use std::borrow::Cow;
 
-use login_metrics::core::analysis::{analyze, analyze_with, KeyPlan};
+use login_metrics::core::analysis::{
+    analyze, analyze_many, analyze_many_with, analyze_with, KeyPlan,
+};
 use login_metrics::core::event::{Field, LoginEvent, FIELD_COUNT};
 use login_metrics::work::Columns;
 use proptest::prelude::*;
@@ -61,6 +63,57 @@ proptest! {
             prop_assert_eq!(report.duplicate_groups, dup_groups);
             let got: Vec<_> = report.duplicates.iter().map(|d| (d.values.clone(), d.count)).collect();
             prop_assert_eq!(got, rows_expected);
+        }
+    }
+}
+
+fn columns_of(rows: &[Vec<Option<String>>]) -> Columns {
+    let events: Vec<LoginEvent> = rows
+        .iter()
+        .map(|r| {
+            let mut fields: [Option<Cow<str>>; FIELD_COUNT] = Default::default();
+            for (i, v) in r.iter().enumerate() {
+                fields[i] = v.as_deref().map(Cow::Borrowed);
+            }
+            LoginEvent {
+                fields,
+                timestamp_ms: Some(0),
+            }
+        })
+        .collect();
+    Columns::from_events(&events)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Several batches analysed in one job (the batch as a grouping key, one
+    /// dictionary over all of them) report exactly what each batch does alone,
+    /// whatever the key plan, and what a naive count of each batch says.
+    #[test]
+    fn batches_analysed_together_equal_each_alone(
+        batches in proptest::collection::vec(proptest::collection::vec(event(), 0..120), 0..6),
+        slices in proptest::collection::vec(slice(), 1..4),
+        top in 1usize..8,
+    ) {
+        let columns: Vec<Columns> = batches.iter().map(|rows| columns_of(rows)).collect();
+        let refs: Vec<&Columns> = columns.iter().collect();
+        let alone: Vec<_> = columns.iter().map(|c| analyze(c, &slices, top).unwrap()).collect();
+        prop_assert_eq!(&analyze_many(&refs, &slices, top).unwrap(), &alone);
+        for plan in [KeyPlan::Packed64, KeyPlan::PerField] {
+            prop_assert_eq!(&analyze_many_with(&refs, &slices, top, plan).unwrap(), &alone);
+        }
+        for (rows, reports) in batches.iter().zip(&alone) {
+            for (slice, report) in slices.iter().zip(reports) {
+                let (groups, dup_groups, mut expected) = crate::common::naive_report(
+                    rows.iter().map(|r| slice.iter().map(|f| r[f.index()].clone()).collect()),
+                );
+                expected.truncate(top);
+                prop_assert_eq!(report.groups, groups);
+                prop_assert_eq!(report.duplicate_groups, dup_groups);
+                let got: Vec<_> = report.duplicates.iter().map(|d| (d.values.clone(), d.count)).collect();
+                prop_assert_eq!(got, expected);
+            }
         }
     }
 }

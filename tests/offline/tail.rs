@@ -241,6 +241,89 @@ fn the_default_file_is_the_configured_metrics_log() {
     assert!(err.contains("no metrics log at"), "{err}");
 }
 
+/// The characters of `text` a terminal would act on rather than show (the
+/// line ends aside): C0 controls, DEL, C1 controls, and the bidi and
+/// separator characters that reorder or break a line.
+fn acted_on(text: &str) -> Vec<char> {
+    let reorders_or_breaks = |c: char| {
+        matches!(
+            c,
+            '\u{61c}' | '\u{200e}' | '\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+        )
+    };
+    text.chars()
+        .filter(|&c| c != '\n' && (c.is_control() || reorders_or_breaks(c)))
+        .collect()
+}
+
+#[test]
+fn values_from_producers_reach_the_terminal_escaped() {
+    let dir = tempfile::tempdir().unwrap();
+    // Diagnostics name the file: its name is shown escaped too.
+    let path = dir.path().join("metrics\u{1b}[8m.log");
+    // A packet whose values a producer wrote: an OSC that retitles the
+    // terminal, a screen clear, the one-byte C1 CSI, a right-to-left override.
+    let mut p = packets(6, 1).remove(0);
+    let hostile = [
+        ("ip", "\u{1b}]0;pwned\u{7}"),
+        ("user_id", "\u{1b}[2J"),
+        ("app_version", "\u{9b}31m\u{7f}"),
+        ("locale", "\u{202e}SU"),
+    ];
+    for m in &mut p.metrics {
+        if m.duplicates.is_empty() {
+            let mut row = serde_json::Map::new();
+            for f in &m.slice {
+                row.insert(f.clone(), "x".into());
+            }
+            row.insert("count".into(), 2.into());
+            m.duplicates.push(row);
+            m.duplicate_groups += 1;
+        }
+        for (field, value) in hostile {
+            if m.slice.iter().any(|f| f == field) {
+                m.duplicates[0].insert(field.into(), value.into());
+            }
+        }
+    }
+    let json = p.to_json();
+    assert!(json.contains('\u{9b}') && json.contains('\u{202e}') && json.contains("\\u001b"));
+    // And a line that is not a packet, whose diagnostic quotes it.
+    fs::write(
+        &path,
+        format!("{json}\n{{\"schema_version\":\"\\u001b]0;pwned\\u0007\"}}\n"),
+    )
+    .unwrap();
+
+    let (out, text, err) = run(bin().arg("tail").arg(&path));
+    assert!(out.status.success(), "{err}");
+    assert_eq!(acted_on(&text), Vec::<char>::new(), "{text}");
+    assert_eq!(acted_on(&err), Vec::<char>::new(), "{err}");
+    for shown in [
+        "\\u{1b}]0;pwned\\u{7}",
+        "\\u{1b}[2J",
+        "\\u{9b}31m\\u{7f}",
+        "\\u{202e}SU",
+    ] {
+        assert!(text.contains(shown), "{shown} not in:\n{text}");
+    }
+    assert!(
+        err.contains("metrics\\u{1b}[8m.log:2: skipped, not a packet: invalid type: string \"\\u{1b}]0;pwned\\u{7}\""),
+        "{err}"
+    );
+
+    let (out, text, err) = run(bin().args(["tail", "--json"]).arg(&path));
+    assert!(out.status.success(), "{err}");
+    assert_eq!(acted_on(&text), Vec::<char>::new(), "{text}");
+    assert_eq!(acted_on(&err), Vec::<char>::new(), "{err}");
+    for shown in ["\\u001b]0;pwned\\u0007", "\\u009b31m\\u007f", "\\u202eSU"] {
+        assert!(text.contains(shown), "{shown} not in:\n{text}");
+    }
+    // The same packet, escapes and all.
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert_eq!(serde_json::from_str::<Packet>(&text).unwrap(), p);
+}
+
 /// A `tail --follow` child, its output read line by line.
 struct Follower {
     child: Child,
@@ -346,4 +429,31 @@ fn follow_prints_appended_packets_through_both_kinds_of_rotation() {
         &formatted(&ps[5..7]),
         "the rest of the renamed file, then the new file",
     );
+}
+
+/// Added fields are a compatible change (docs/packet.md): a packet carrying
+/// fields this reader does not know is printed; one of a newer schema
+/// version is reported and skipped.
+#[test]
+fn added_fields_are_read_past_and_a_newer_schema_version_is_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("metrics.log");
+    let ps = packets(2, 3);
+    let mut added = serde_json::to_value(&ps[0]).unwrap();
+    added["added_later"] = serde_json::json!({"x": 1});
+    added["window"]["added_later"] = serde_json::json!(true);
+    let mut newer = serde_json::to_value(&ps[1]).unwrap();
+    newer["schema_version"] = serde_json::json!(login_metrics::core::packet::SCHEMA_VERSION + 1);
+    fs::write(&path, format!("{added}\n{newer}\n")).unwrap();
+
+    let (out, text, err) = run(bin().arg("tail").arg(&path));
+    assert!(out.status.success(), "{err}");
+    assert_eq!(text, formatted(&ps[..1]));
+    assert!(
+        err.contains(":2: skipped, a packet of schema version"),
+        "{err}"
+    );
+    let (out, text, err) = run(bin().args(["tail", "--json"]).arg(&path));
+    assert!(out.status.success(), "{err}");
+    assert_eq!(text, format!("{added}\n"));
 }

@@ -183,7 +183,7 @@ async fn a_full_disk_under_the_metrics_log_delays_the_commit_and_never_duplicate
     // Service::start puts the log at DIR/NAME.metrics.log.
     let log = dir.path().join("full.metrics.log");
     std::os::unix::fs::symlink("/dev/full", &log).unwrap();
-    let (inputs, malformed) = generated_input(44, 100, 900, 1);
+    let (inputs, malformed) = generated_input(44, 100, 210_000, 1);
     let input = produce_input(&b.bootstrap, &inputs, &malformed);
     let ends = end_offsets(&input, 1);
     let mut svc = Service::start(
@@ -193,9 +193,11 @@ async fn a_full_disk_under_the_metrics_log_delays_the_commit_and_never_duplicate
             &b.bootstrap,
             "full",
             &[
-                // Four batches close by count: one stuck in delivery, one in
-                // the delivery channel, the rest held by the consumer.
-                ("BATCH__MAX_EVENTS", "200"),
+                // Four batches close by count: one stuck in delivery, one
+                // taken ahead by delivery (which holds up to 100,000 events
+                // beside its job), one in the delivery channel, the rest held
+                // by the consumer.
+                ("BATCH__MAX_EVENTS", "50000"),
             ],
         ),
     );

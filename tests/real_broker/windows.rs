@@ -79,7 +79,15 @@ struct Expected {
 }
 
 fn oracle(msgs: &[Msg]) -> Expected {
+    oracle_of(msgs, 0..msgs.len())
+}
+
+/// The oracle of a run that reads only `range` of the messages (in
+/// production order): offsets count every message, windows and lateness
+/// only those in the range, each partition starting without progress.
+fn oracle_of(msgs: &[Msg], range: std::ops::Range<usize>) -> Expected {
     let mut next = vec![0i64; PARTITIONS as usize];
+    let mut ends = vec![None; PARTITIONS as usize];
     let mut progress: Vec<Option<i64>> = vec![None; PARTITIONS as usize];
     let mut e = Expected {
         windows: BTreeMap::new(),
@@ -87,10 +95,16 @@ fn oracle(msgs: &[Msg]) -> Expected {
         payloads: HashMap::new(),
         ends: vec![],
     };
-    for m in msgs {
+    for (i, m) in msgs.iter().enumerate() {
         let p = m.partition as usize;
         let offset = next[p];
         next[p] += 1;
+        if i >= range.end && ends[p].is_none() {
+            ends[p] = Some(offset);
+        }
+        if !range.contains(&i) {
+            continue;
+        }
         e.payloads.insert((m.partition, offset), m.payload.clone());
         let Some(ts) = m.ts_ms else { continue };
         let start = ts.div_euclid(SIZE_MS) * SIZE_MS;
@@ -104,7 +118,11 @@ fn oracle(msgs: &[Msg]) -> Expected {
         }
         progress[p] = Some(progress[p].map_or(ts, |pr| pr.max(ts)));
     }
-    e.ends = next;
+    e.ends = next
+        .iter()
+        .zip(&ends)
+        .map(|(n, end)| end.unwrap_or(*n))
+        .collect();
     e
 }
 
@@ -180,7 +198,10 @@ fn check_run(name: &str, run: &Published, expected: &Expected) -> BTreeMap<i64, 
         }
         assert_eq!(first.window.pane, Some(0));
         assert!(
-            matches!(first.window.closed_by.as_str(), "watermark" | "wait"),
+            matches!(
+                first.window.closed_by.as_str(),
+                "watermark" | "wait" | "end"
+            ),
             "{name}: {}",
             first.window.closed_by
         );
@@ -430,7 +451,13 @@ fn kill_9_with_windows_in_flight_gives_the_oracles_windows() {
     let dir = tempfile::tempdir().unwrap();
     let msgs = input(77, 4_000);
     let expected = oracle(&msgs);
-    produce_msgs(&bs, INPUT, &msgs);
+    // The input arrives in four parts (each partition's messages in order):
+    // the first before the first run, each next one once the output's broker
+    // is down, so that the windows it closes are in flight when the process
+    // is killed, however fast the work before it was delivered.
+    let part = msgs.len().div_ceil(4);
+    let mut parts = msgs.chunks(part);
+    produce_msgs(&bs, INPUT, parts.next().unwrap());
     let e = window_env(
         &bs,
         group,
@@ -452,6 +479,7 @@ fn kill_9_with_windows_in_flight_gives_the_oracles_windows() {
             committed_on(&bs, group, INPUT, PARTITIONS) != before
         });
         c.broker_down(2).unwrap();
+        produce_msgs(&bs, INPUT, parts.next().unwrap());
         svc.wait_for("a failed delivery attempt", DONE, |s| {
             s.stderr().contains("delivery failed; retrying")
         });
@@ -742,4 +770,139 @@ async fn kill_9_at_random_points_gives_the_oracles_windows() {
         &format!("{DLQ}-{group}"),
     );
     check_run(group, &run, &expected);
+}
+
+/// Bounded runs on a preloaded topic whose record timestamps are one
+/// millisecond apart in production order. `run --until-end` exits 0 by
+/// itself with exactly the oracle's windows (the last ones closed by `end`),
+/// and each window a continuous run closes by watermark is the same packet
+/// content in both. `run --from --until` with a fresh group reads messages
+/// 1,500 to 4,499 of production order and gives the windows of an oracle of
+/// just those messages; the windows it shares with the whole run (same
+/// events, same late events among their offsets, closed by watermark in
+/// both) are the same content.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounded_runs_end_by_themselves_with_the_oracles_windows() {
+    let b = Broker::start();
+    b.create_topic(INPUT, PARTITIONS).await;
+    for g in ["whole", "live", "range"] {
+        b.create_topic(&format!("{OUTPUT}-{g}"), 1).await;
+        b.create_topic(&format!("{DLQ}-{g}"), 1).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let msgs = input(91, 2_000);
+    let t0: i64 = 1_700_000_000_000;
+    let stamps: Vec<i64> = (0..msgs.len() as i64).map(|i| t0 + i).collect();
+    let inputs: Vec<Input> = msgs
+        .iter()
+        .map(|m| input_of(m.partition, m.payload.clone()))
+        .collect();
+    produce_at(&b.bootstrap, INPUT, &inputs, Some(&stamps));
+    let expected = oracle(&msgs);
+
+    let bounded = |group: &str, args: &[&str], expected: &Expected| {
+        let mut svc = Service::start_with(
+            dir.path(),
+            group,
+            &window_env(&b.bootstrap, group, INPUT, &[]),
+            args,
+        );
+        assert_eq!(svc.wait_exit(DONE), Some(0), "{group}: {}", svc.stderr());
+        assert_eq!(
+            committed_on(&b.bootstrap, group, INPUT, PARTITIONS),
+            expected.ends,
+            "{group}: committed to the end of the range"
+        );
+        let run = published(
+            &b.bootstrap,
+            &format!("{OUTPUT}-{group}"),
+            &format!("{DLQ}-{group}"),
+        );
+        assert!(
+            run.packets
+                .values()
+                .flatten()
+                .any(|p| p.window.closed_by == "end"),
+            "{group}: the last windows close with the range"
+        );
+        let contents = check_run(group, &run, expected);
+        let (done, _) =
+            CommitOrder::new(expected).check(group, &svc.stderr(), &[0; PARTITIONS as usize]);
+        assert_eq!(
+            done, expected.ends,
+            "{group}: the logged commits reach the end"
+        );
+        contents
+    };
+    let whole = bounded("whole", &["--until-end"], &expected);
+
+    let mut live = Service::start(
+        dir.path(),
+        "live",
+        &window_env(&b.bootstrap, "live", INPUT, &[]),
+    );
+    live.wait_ready(READY);
+    wait_committed_on(&b.bootstrap, "live", INPUT, &expected.ends);
+    live.signal("TERM");
+    assert_eq!(live.wait_exit(DONE), Some(0), "{}", live.stderr());
+    let continuous = check_run(
+        "live",
+        &published(
+            &b.bootstrap,
+            &format!("{OUTPUT}-live"),
+            &format!("{DLQ}-live"),
+        ),
+        &expected,
+    );
+    let by_watermark = |c: &Value| c["window"]["closed_by"] == "watermark";
+    let mut shared = 0;
+    for (start, c) in &whole {
+        if by_watermark(c) && continuous.get(start).is_some_and(by_watermark) {
+            assert_eq!(
+                Some(c),
+                continuous.get(start),
+                "window {start}: bounded vs continuous"
+            );
+            shared += 1;
+        }
+    }
+    assert!(shared > 10, "{shared} windows compared");
+
+    let (lo, hi) = (1_500usize, 4_500usize);
+    let in_range = oracle_of(&msgs, lo..hi);
+    let from = (t0 + lo as i64).to_string();
+    let until = (t0 + hi as i64).to_string();
+    let range = bounded("range", &["--from", &from, "--until", &until], &in_range);
+    let late_between = |e: &Expected, events: &BTreeSet<(i32, i64)>| -> BTreeSet<(i32, i64)> {
+        e.late
+            .iter()
+            .filter(|(p, o)| {
+                let offs: Vec<i64> = events
+                    .iter()
+                    .filter(|(q, _)| q == p)
+                    .map(|(_, o)| *o)
+                    .collect();
+                offs.first().is_some_and(|f| o >= f) && offs.last().is_some_and(|l| o <= l)
+            })
+            .copied()
+            .collect()
+    };
+    let mut shared = 0;
+    for (start, c) in &range {
+        let (Some(a), Some(b)) = (in_range.windows.get(start), expected.windows.get(start)) else {
+            continue;
+        };
+        if a == b
+            && late_between(&in_range, a) == late_between(&expected, b)
+            && by_watermark(c)
+            && whole.get(start).is_some_and(by_watermark)
+        {
+            assert_eq!(Some(c), whole.get(start), "window {start}: range vs whole");
+            shared += 1;
+        }
+    }
+    assert!(
+        shared > 5,
+        "{shared} windows of the range compared with the whole run"
+    );
 }

@@ -55,6 +55,14 @@ pub trait Grouping: Send {
     /// order, after any work not yet taken.
     fn close(&mut self, reason: CloseReason, now: Instant) -> Vec<Work>;
 
+    /// A bounded run has read `partition` to the end of its range.
+    fn end_partition(&mut self, partition: i32, now: Instant);
+
+    /// A bounded run has read its whole range: closes everything still open
+    /// (closed by [`CloseReason::End`]) and hands it over with the pending
+    /// dead letters, after any work not yet taken.
+    fn finish(&mut self, now: Instant) -> Vec<Work>;
+
     /// After a revocation: forgets every partition's state.
     fn reset(&mut self);
 
@@ -125,6 +133,12 @@ impl Grouping for Arrival {
         self.closed.drain(..).map(Work::from_arrival).collect()
     }
 
+    fn end_partition(&mut self, _: i32, _: Instant) {}
+
+    fn finish(&mut self, now: Instant) -> Vec<Work> {
+        self.close(CloseReason::End, now)
+    }
+
     fn reset(&mut self) {}
 
     fn uses_checkpoints(&self) -> bool {
@@ -174,6 +188,14 @@ impl Grouping for window::Windower {
         window::Windower::take_work(self, now, true)
             .into_iter()
             .collect()
+    }
+
+    fn end_partition(&mut self, partition: i32, now: Instant) {
+        window::Windower::end_partition(self, partition, now)
+    }
+
+    fn finish(&mut self, now: Instant) -> Vec<Work> {
+        window::Windower::finish(self, now).into_iter().collect()
     }
 
     fn reset(&mut self) {

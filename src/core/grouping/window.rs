@@ -334,6 +334,58 @@ impl Windower {
         self.next_seq = seq;
     }
 
+    /// A bounded run has read `partition` to the end of its range: nothing
+    /// more comes from it, so it no longer holds the watermark (as an idle
+    /// partition does, but at once and by position, not by wall clock).
+    pub fn end_partition(&mut self, partition: i32, now: Instant) {
+        self.now = now;
+        let i = self.part_index(partition, now);
+        let part = &mut self.parts[i];
+        if part.idle {
+            return;
+        }
+        part.idle = true;
+        if part.paused {
+            part.paused = false;
+            self.flows.push(Flow::Resume(partition));
+        }
+        self.refresh_watermark();
+        self.close_by_watermark();
+        self.resume_holders();
+    }
+
+    /// A bounded run has read its whole range: every open window closes
+    /// (closed by [`CloseReason::End`]), oldest first, and everything is
+    /// handed over with the offsets to commit. Windows ending at or before
+    /// the last one closed count as closed for whatever reads on.
+    pub fn finish(&mut self, now: Instant) -> Option<Work> {
+        self.now = now;
+        let starts: Vec<i64> = self.windows.keys().copied().collect();
+        for start in starts {
+            self.close_window(start, CloseReason::End);
+            let end = start + self.size_ms;
+            self.closed_through = Some(self.closed_through.map_or(end, |c| c.max(end)));
+        }
+        if let Some(work) = self.take_work(now, true) {
+            return Some(work);
+        }
+        // Nothing to publish, but the last offsets read (replayed or skipped
+        // messages) are still to be committed.
+        let (commit, messages) = self.checkpoints();
+        if commit.is_empty() {
+            return None;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        Some(Work {
+            seq,
+            batches: Vec::new(),
+            dead_letters: Vec::new(),
+            commit,
+            messages,
+        })
+    }
+
     /// Adds a valid event read at `offset` of `partition`.
     #[allow(clippy::too_many_arguments)]
     pub fn push_event(
@@ -1033,6 +1085,46 @@ mod tests {
                 .map(|u| u.unwrap().to_string())
                 .collect()
         }
+    }
+
+    /// A bounded run: a partition read to its end stops holding the
+    /// watermark at once (no idle wait), and finishing closes every open
+    /// window by `end` and commits the last offsets read.
+    #[test]
+    fn a_read_partition_frees_the_watermark_and_finishing_closes_the_rest() {
+        let mut f = Feed::new(cfg(), &[0, 1]);
+        f.event(0, S, 0);
+        f.event(1, 2 * S, 0);
+        f.event(0, 31 * S, 0);
+        assert!(
+            f.batches().is_empty(),
+            "partition 1 holds the watermark at 2 s"
+        );
+        f.w.end_partition(1, f.at(0));
+        f.collect(f.at(0));
+        let closed: Vec<_> = f
+            .batches()
+            .iter()
+            .map(|b| (b.window.unwrap().start_ms, b.closed_by))
+            .collect();
+        assert_eq!(closed, vec![(0, CloseReason::Watermark)]);
+        let last =
+            f.w.finish(f.at(0))
+                .expect("the last window and the offsets");
+        let closed: Vec<_> = last
+            .batches
+            .iter()
+            .map(|b| (b.window.unwrap().start_ms, b.closed_by))
+            .collect();
+        assert_eq!(closed, vec![(30 * S, CloseReason::End)]);
+        let commit: Vec<(i32, i64)> = last
+            .commit
+            .iter()
+            .map(|c| (c.partition, c.offset))
+            .collect();
+        assert_eq!(commit, vec![(0, 2), (1, 1)]);
+        assert_eq!(f.w.open_windows(), 0);
+        assert!(f.w.finish(f.at(0)).is_none(), "nothing left");
     }
 
     #[test]
