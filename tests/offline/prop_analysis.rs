@@ -39,17 +39,7 @@ proptest! {
         slices in proptest::collection::vec(slice(), 1..4),
         top in 1usize..8,
     ) {
-        let events: Vec<LoginEvent> = rows
-            .iter()
-            .map(|r| {
-                let mut fields: [Option<Cow<str>>; FIELD_COUNT] = Default::default();
-                for (i, v) in r.iter().enumerate() {
-                    fields[i] = v.as_deref().map(Cow::Borrowed);
-                }
-                LoginEvent { fields, timestamp_ms: Some(0) }
-            })
-            .collect();
-        let columns = Columns::from_events(&events);
+        let columns = columns_of(&rows);
         let reports = analyze(&columns, &slices, top).unwrap();
         // The other groupings (64-bit keys, one code column per field) must agree too.
         for plan in [KeyPlan::Packed64, KeyPlan::PerField] {
@@ -67,6 +57,7 @@ proptest! {
     }
 }
 
+/// The columns of events whose fields are `rows`' values, in field order.
 fn columns_of(rows: &[Vec<Option<String>>]) -> Columns {
     let events: Vec<LoginEvent> = rows
         .iter()
