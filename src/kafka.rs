@@ -10,6 +10,8 @@
 //! guarantees rest on (manual offset storage and commits, idempotent acks=all
 //! production), which the configuration refuses to override.
 
+use std::fmt;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -18,6 +20,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::telemetry::KAFKA_ERRORS;
 use crate::values::{name, Findings, Properties, MAX_INT};
@@ -28,6 +31,9 @@ use crate::values::{name, Findings, Properties, MAX_INT};
 pub struct KafkaSettings {
     pub bootstrap_servers: String,
     pub group_id: String,
+    /// The consumer's `group.instance.id` (static group membership); empty:
+    /// derived by `run` ([`Membership::of`]).
+    pub instance_name: String,
     pub input_topic: String,
     pub output_topic: String,
     /// Empty: invalid messages are counted and logged but not forwarded.
@@ -108,6 +114,21 @@ impl KafkaSettings {
                         key,
                         "is set by login-metrics itself and cannot be overridden",
                     );
+                } else if name == "group.instance.id" {
+                    // One place for the name, so that `run` can derive it
+                    // when none is given and only the group member gets it.
+                    f.add(
+                        key,
+                        "is set by login-metrics from kafka.instance_name; set that instead",
+                    );
+                } else if name == "group.protocol" && !value.eq_ignore_ascii_case("classic") {
+                    // The `consumer` protocol (KIP-848) rebalances incrementally:
+                    // a partial revocation would drop the windows of the
+                    // partitions kept, which are then never published.
+                    f.add(
+                        key,
+                        "must be \"classic\": the \"consumer\" protocol (KIP-848) rebalances incrementally, which is not supported yet (a partial revocation would drop the open windows of the partitions kept)",
+                    );
                 } else if name == "partition.assignment.strategy" && value.contains("cooperative") {
                     // A revocation gives up all the partitions' state at once;
                     // incremental rebalancing would keep some partitions without it.
@@ -117,6 +138,9 @@ impl KafkaSettings {
                     );
                 }
             }
+        }
+        if let Some(problem) = instance_name_problem(&self.instance_name) {
+            f.add("kafka.instance_name", problem);
         }
         f.positive("kafka.delivery_timeout", self.delivery_timeout);
         f.bounded(
@@ -168,6 +192,9 @@ pub fn consumer(k: &KafkaSettings) -> ClientConfig {
         // behind) can hold no more than that however many partitions.
         ("queued.max.messages.kbytes", "16384".into()),
         ("fetch.queue.backoff.ms", "100".into()),
+        // Eager rebalancing, which the revocation handling rests on (see
+        // `KafkaSettings::check`), whatever a later librdkafka's default.
+        ("group.protocol", "classic".into()),
     ];
     let fixed = [
         ("group.id", k.group_id.as_str()),
@@ -177,6 +204,195 @@ pub fn consumer(k: &KafkaSettings) -> ClientConfig {
     let mut c = layered(k, &defaults, &k.consumer, &fixed);
     c.set_log_level(RDKafkaLogLevel::Warning);
     c
+}
+
+/// The consumer that joins the group: [`consumer`], and static membership
+/// under `kafka.instance_name` when it is set (`run` sets it, see
+/// [`Membership`]). Only this client carries the name: the others never
+/// join, and an offset commit carrying the name of a member they are not
+/// would be refused as fenced.
+pub fn member(k: &KafkaSettings) -> ClientConfig {
+    let mut c = consumer(k);
+    if !k.instance_name.is_empty() {
+        c.set("group.instance.id", &k.instance_name);
+    }
+    c
+}
+
+/// How this instance belongs to its consumer group.
+///
+/// A static member (`group.instance.id`) that comes back within
+/// `session.timeout.ms` takes its own place in the group again, with its
+/// partitions, without a rebalance: a restarted process publishes again in
+/// seconds instead of waiting for its killed predecessor's session to time
+/// out. The name must be stable across restarts of one instance and
+/// distinct between live instances: the broker fences the older of two
+/// members with one name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Membership {
+    /// `kafka.instance_name` as configured.
+    Named(String),
+    /// Derived: the host name and a hash of the metrics log's canonical
+    /// path. An instance holds an exclusive lock on its metrics log, so two
+    /// live instances on one host never share the path, and a restart of one
+    /// opens the same file again.
+    Derived(String),
+    /// No name given and no metrics log to derive one from.
+    Dynamic,
+}
+
+impl Membership {
+    /// The membership `run` uses, given the metrics log (`None`: disabled).
+    pub fn of(k: &KafkaSettings, metrics_log: Option<&Path>) -> Membership {
+        Self::with_host(k, metrics_log, &host_name())
+    }
+
+    fn with_host(k: &KafkaSettings, metrics_log: Option<&Path>, host: &str) -> Membership {
+        match (k.instance_name.as_str(), metrics_log) {
+            ("", None) => Membership::Dynamic,
+            ("", Some(path)) => Membership::Derived(derived_name(host, &canonical(path))),
+            (name, _) => Membership::Named(name.to_string()),
+        }
+    }
+
+    /// The `group.instance.id`, for a static member.
+    pub fn instance_name(&self) -> Option<&str> {
+        match self {
+            Membership::Named(n) | Membership::Derived(n) => Some(n),
+            Membership::Dynamic => None,
+        }
+    }
+}
+
+impl fmt::Display for Membership {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Membership::Named(n) => write!(
+                f,
+                "static group membership as {n} (kafka.instance_name)"
+            ),
+            Membership::Derived(n) => write!(
+                f,
+                "static group membership as {n} (kafka.instance_name derived from the host name and \
+                 metrics_log.path; a restart with both unchanged takes this instance's place again)"
+            ),
+            Membership::Dynamic => write!(
+                f,
+                "dynamic group membership: kafka.instance_name is empty and the metrics log is \
+                 disabled, so there is no stable name to derive; a restart after kill -9 waits for \
+                 the killed process's session.timeout.ms before its partitions are read again"
+            ),
+        }
+    }
+}
+
+/// Why a `kafka.instance_name` cannot be a `group.instance.id`: the broker
+/// accepts ASCII letters, digits, `.`, `_` and `-`, up to 249 of them.
+fn instance_name_problem(name: &str) -> Option<String> {
+    if name.is_empty() {
+        return None;
+    }
+    if name.len() > MAX_INSTANCE_NAME {
+        return Some(format!(
+            "must be at most {MAX_INSTANCE_NAME} characters (it has {})",
+            name.len()
+        ));
+    }
+    if name == "." || name == ".." {
+        return Some("must not be \".\" or \"..\"".into());
+    }
+    if !name.bytes().all(instance_name_byte) {
+        return Some(
+            "may hold only ASCII letters, digits, '.', '_' and '-' (as Kafka's group.instance.id)"
+                .into(),
+        );
+    }
+    None
+}
+
+/// The longest `group.instance.id` the broker accepts.
+const MAX_INSTANCE_NAME: usize = 249;
+
+fn instance_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')
+}
+
+/// The name of an instance on `host` writing the metrics log at the
+/// canonical path `log`: the host name (characters Kafka refuses replaced
+/// by `-`) and 12 hex digits of the path's SHA-256.
+fn derived_name(host: &str, log: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let hash = Sha256::digest(log.as_os_str().as_bytes());
+    let mut host: String = host
+        .chars()
+        .map(|c| match c.is_ascii() && instance_name_byte(c as u8) {
+            true => c,
+            false => '-',
+        })
+        .take(MAX_INSTANCE_NAME - 13)
+        .collect();
+    if host.is_empty() || host == "." || host == ".." {
+        host = "login-metrics".into();
+    }
+    format!("{host}-{}", hex::encode(&hash[..6]))
+}
+
+/// `path` absolute, with its directory's symbolic links, `.` and `..`
+/// resolved through the part of it that exists: the same file gives the
+/// same path whichever working directory or spelling named it, and before
+/// the first start (the file, or its directory, not created yet) the same as
+/// after. The file's own name is kept, not resolved: the lock is taken on
+/// that name.
+fn canonical(path: &Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let (Some(dir), Some(file)) = (absolute.parent(), absolute.file_name()) else {
+        return absolute;
+    };
+    let mut missing = Vec::new();
+    let mut existing = dir;
+    loop {
+        if let Ok(resolved) = std::fs::canonicalize(existing) {
+            let dir = missing.iter().rev().fold(resolved, |d, part| d.join(part));
+            return dir.join(file);
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(part)) => {
+                missing.push(part.to_os_string());
+                existing = parent;
+            }
+            _ => return absolute,
+        }
+    }
+}
+
+/// The host's name (empty when it cannot be read).
+fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: a writable buffer of the length given; gethostname writes at
+    // most that many bytes.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return String::new();
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// Why a client stopped for good, when librdkafka raised a fatal error:
+/// for the group member above all, fenced by a newer member with its
+/// `group.instance.id`.
+pub fn fatal<C: rdkafka::client::ClientContext>(
+    client: &rdkafka::client::Client<C>,
+) -> Option<String> {
+    let (code, reason) = client.fatal_error()?;
+    Some(match code {
+        RDKafkaErrorCode::FencedInstanceId => format!(
+            "fenced out of the consumer group ({reason}): another process joined it with this \
+             instance's group.instance.id; give each instance its own kafka.instance_name \
+             (or, when derived, its own metrics_log.path)"
+        ),
+        _ => format!("the Kafka consumer stopped with a fatal error: {reason}"),
+    })
 }
 
 /// The producer of packets and dead letters: idempotent, acks=all.
@@ -420,5 +636,85 @@ mod tests {
         assert_eq!(consumer(k).get("enable.auto.commit"), Some("false"));
         assert_eq!(producer(k).get("acks"), Some("all"));
         assert_eq!(checkpoint_writer(k).get("linger.ms"), Some("0"));
+    }
+
+    #[test]
+    fn the_consumer_asks_for_the_classic_protocol_and_only_the_member_carries_the_name() {
+        let s = settings(&[("KAFKA__INSTANCE_NAME", "ingest-1")]);
+        let k = &s.kafka;
+        assert_eq!(consumer(k).get("group.protocol"), Some("classic"));
+        assert_eq!(member(k).get("group.protocol"), Some("classic"));
+        assert_eq!(member(k).get("group.instance.id"), Some("ingest-1"));
+        for (name, c) in [
+            ("consumer", consumer(k)),
+            ("checkpoint reader", checkpoint_reader(k)),
+            ("producer", producer(k)),
+        ] {
+            assert_eq!(c.get("group.instance.id"), None, "{name}");
+        }
+        let unnamed = settings(&[]);
+        assert_eq!(member(&unnamed.kafka).get("group.instance.id"), None);
+    }
+
+    #[test]
+    fn a_derived_instance_name_is_stable_for_one_metrics_log_and_distinct_for_another() {
+        let k = settings(&[]).kafka;
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        std::os::unix::fs::symlink(&real, dir.path().join("link")).unwrap();
+        let log = real.join("m.log");
+        let named = |path: &Path| match Membership::with_host(&k, Some(path), "host-a") {
+            Membership::Derived(name) => name,
+            other => panic!("derived, not {other:?}"),
+        };
+
+        // Before the first start (no file, no directory) as after it, and
+        // whichever spelling of the path.
+        let nested = real.join("sub/m.log");
+        let first = named(&nested);
+        std::fs::create_dir(real.join("sub")).unwrap();
+        std::fs::write(&nested, "").unwrap();
+        assert_eq!(named(&nested), first);
+        let before = named(&log);
+        std::fs::write(&log, "").unwrap();
+        assert_eq!(named(&log), before);
+        assert_eq!(named(&dir.path().join("link/m.log")), before);
+        assert_eq!(named(&real.join("./sub/../m.log")), before);
+        assert!(before.starts_with("host-a-"), "{before}");
+
+        // Another metrics log, or the same path on another host: another name.
+        assert_ne!(named(&real.join("other.log")), before);
+        assert_ne!(first, before);
+        assert_ne!(
+            Membership::with_host(&k, Some(&log), "host-b").instance_name(),
+            Some(before.as_str())
+        );
+        // Kafka accepts what is derived, whatever the host is called.
+        for host in ["", "..", "db host/été", &"h".repeat(300)] {
+            let Membership::Derived(name) = Membership::with_host(&k, Some(&log), host) else {
+                panic!("derived");
+            };
+            assert_eq!(instance_name_problem(&name), None, "{host:?} gave {name}");
+        }
+    }
+
+    #[test]
+    fn a_configured_instance_name_wins_and_without_one_or_a_metrics_log_membership_is_dynamic() {
+        let log = Path::new("/var/lib/login-metrics/m.log");
+        let named = settings(&[("KAFKA__INSTANCE_NAME", "ingest-1")]).kafka;
+        assert_eq!(
+            Membership::with_host(&named, Some(log), "host-a"),
+            Membership::Named("ingest-1".into())
+        );
+        assert_eq!(
+            Membership::with_host(&named, None, "host-a").instance_name(),
+            Some("ingest-1")
+        );
+        let unnamed = settings(&[]).kafka;
+        let dynamic = Membership::with_host(&unnamed, None, "host-a");
+        assert_eq!(dynamic, Membership::Dynamic);
+        assert_eq!(dynamic.instance_name(), None);
+        assert!(dynamic.to_string().contains("dynamic"), "{dynamic}");
     }
 }

@@ -214,7 +214,8 @@ impl Pipeline {
             &s.analysis.slices,
             s.analysis.top,
             &privacy,
-        );
+        )
+        .with_rules(&s.packet_rules());
         let delivery = Delivery {
             settings: s.clone(),
             publisher: Arc::new(publisher),

@@ -200,6 +200,26 @@ impl Settings {
         }
     }
 
+    /// The settings besides the analysis's that change what a packet holds,
+    /// as one line for packet ids ([`crate::core::packet::Identity::with_rules`]).
+    pub fn packet_rules(&self) -> String {
+        let b = &self.batch;
+        let d = |d: std::time::Duration| d.as_millis().to_string();
+        format!(
+            "mode={};max_events={};max_span={};max_wait={};hop={};grace={};late={};idle={};required={};max_future={}",
+            crate::values::name(&b.mode),
+            b.max_events,
+            d(b.max_span),
+            d(b.max_wait),
+            b.hop.map(d).unwrap_or_default(),
+            d(b.grace),
+            crate::values::name(&b.late),
+            d(b.idle),
+            self.events.required.join("+"),
+            d(self.events.max_future),
+        )
+    }
+
     /// The effective configuration as TOML, secrets redacted; it loads again.
     pub fn redacted_toml(&self) -> String {
         toml::to_string_pretty(self).expect("settings as TOML")
@@ -577,6 +597,65 @@ mod tests {
         assert_eq!(
             keys(err),
             vec!["kafka.consumer.partition.assignment.strategy"]
+        );
+    }
+
+    #[test]
+    fn the_incremental_consumer_group_protocol_is_refused_naming_the_key() {
+        let err = Settings::load_with_env(
+            None,
+            env(&[
+                ("LOGIN_METRICS__KAFKA__CONSUMER__GROUP_PROTOCOL", "consumer"),
+                ("LOGIN_METRICS__KAFKA__CLIENT__GROUP_PROTOCOL", "CONSUMER"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("incremental"), "{err}");
+        assert_eq!(
+            keys(err),
+            vec![
+                "kafka.client.group.protocol",
+                "kafka.consumer.group.protocol"
+            ]
+        );
+        Settings::load_with_env(
+            None,
+            env(&[("LOGIN_METRICS__KAFKA__CONSUMER__GROUP_PROTOCOL", "classic")]),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn group_instance_id_is_refused_naming_kafka_instance_name() {
+        let err = Settings::load_with_env(
+            None,
+            env(&[("LOGIN_METRICS__KAFKA__CONSUMER__GROUP_INSTANCE_ID", "a")]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("kafka.instance_name"), "{err}");
+        assert_eq!(keys(err), vec!["kafka.consumer.group.instance.id"]);
+    }
+
+    #[test]
+    fn an_instance_name_kafka_would_refuse_is_rejected() {
+        for bad in ["ingest 1", "..", "ingestér", &"i".repeat(250)] {
+            let err =
+                Settings::load_with_env(None, env(&[("LOGIN_METRICS__KAFKA__INSTANCE_NAME", bad)]))
+                    .unwrap_err();
+            assert_eq!(keys(err), vec!["kafka.instance_name"], "{bad:?}");
+        }
+        let s = Settings::load_with_env(
+            None,
+            env(&[("LOGIN_METRICS__KAFKA__INSTANCE_NAME", "eu-1.ingest_2")]),
+        )
+        .unwrap();
+        assert_eq!(s.kafka.instance_name, "eu-1.ingest_2");
+        assert_eq!(
+            Settings::load_with_env(None, env(&[]))
+                .unwrap()
+                .kafka
+                .instance_name,
+            ""
         );
     }
 

@@ -51,6 +51,11 @@ impl CloseReason {
             CloseReason::End => "end",
         }
     }
+
+    /// The reason named by [`CloseReason::as_str`].
+    pub fn parse(s: &str) -> Option<CloseReason> {
+        CloseReason::ALL.into_iter().find(|r| r.as_str() == s)
+    }
 }
 
 /// A message as the source hands it to grouping: where it came from and
@@ -62,6 +67,8 @@ pub struct Message<'a> {
     pub offset: i64,
     pub key: Option<&'a [u8]>,
     pub payload: &'a [u8],
+    /// The record's timestamp, when it has one.
+    pub timestamp_ms: Option<i64>,
 }
 
 impl<'a> Message<'a> {
@@ -228,6 +235,11 @@ pub struct Work {
     pub commit: Vec<CommitPoint>,
     /// Input messages the commit moves past.
     pub messages: u64,
+    /// Window mode: checkpoints to store before the work is handed to
+    /// delivery (offsets unchanged, closures decided by wall clock added),
+    /// so that no packet of such a closure is published before a replay
+    /// would decide it the same way.
+    pub record_first: Vec<CommitPoint>,
 }
 
 impl Work {
@@ -252,6 +264,7 @@ impl Work {
             dead_letters,
             commit,
             messages,
+            record_first: Vec::new(),
         }
     }
 }
@@ -269,13 +282,35 @@ impl Batch {
 
 /// A partition's position: the offset to read next and the state needed to
 /// judge the messages from there on as the original run did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Checkpoint {
     pub offset: i64,
     /// The partition's progress before `offset`.
     pub progress_ms: Option<i64>,
-    /// Every window ending at or before this was closed and emitted.
-    pub closed_through_ms: Option<i64>,
+    /// Windows ending at or before this are closed for this partition's
+    /// messages from `offset` on: an event of such a window that is not late
+    /// for the partition's own progress is late because its window closed.
+    pub closed_ms: Option<i64>,
+    /// Windows ending at or before this were emitted with every event of this
+    /// partition read before their closure: re-read, those events are replayed.
+    pub emitted_ms: Option<i64>,
+    /// Closures decided after `offset` (by wall clock: the input silent, a
+    /// partition idle), at the positions where they were decided, so that a
+    /// replay decides them again at the same place.
+    pub closures: Vec<Closure>,
+    /// The offset the group had committed when this checkpoint was written:
+    /// a committed offset below it was set by someone else (an operator's
+    /// reset), and is honoured.
+    pub previous: Option<i64>,
+}
+
+/// Windows ending at or before `through_ms` closed once the partition had
+/// read every message below `offset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Closure {
+    pub offset: i64,
+    pub through_ms: i64,
+    pub reason: CloseReason,
 }
 
 /// What delivery reports back for each work, in order.

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::commands::generate::Meter;
+use crate::kafka::Membership;
 use crate::pipeline::Pipeline;
 use crate::settings::Settings;
 use crate::source::range::Range;
@@ -22,7 +23,13 @@ use crate::web::server;
 
 pub async fn run(s: Settings, range: Option<Range>, shutdown: CancellationToken) -> ExitCode {
     telemetry::init_logging(&s.log);
+    // Resolved here, for the service alone: the demo and the tests' pipelines
+    // join as dynamic members unless a name is configured.
+    let mut s = s;
+    let membership = Membership::of(&s.kafka, s.metrics_log.path.as_deref());
+    s.kafka.instance_name = membership.instance_name().unwrap_or_default().to_string();
     info!(version = env!("CARGO_PKG_VERSION"), config = %s.redacted_summary(), "starting");
+    info!(group = %s.kafka.group_id, instance = %s.kafka.instance_name, "{membership}");
     let mut pipeline = Pipeline::new(s.clone()).log_progress(range.is_none());
     let meter_stop = CancellationToken::new();
     if let Some(range) = range {

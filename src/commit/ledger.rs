@@ -28,7 +28,7 @@ use tracing::{debug, warn};
 use crate::commit::checkpoint::{Checkpoint, CheckpointStore};
 use crate::telemetry::{self, Progress};
 use crate::work::Ack;
-use crate::work::CommitPoint;
+use crate::work::{Closure, CommitPoint};
 
 /// The log target of commits; tests and docs filter on it, so it keeps the
 /// name it had before the commit path had a folder of its own.
@@ -148,6 +148,12 @@ pub struct Ledger {
     /// Acknowledgements still to come for work abandoned at a revocation
     /// (see [`Ledger::abandon_in_flight`]): dropped when they arrive.
     abandoned: usize,
+    /// The offsets this process committed, per partition: what a checkpoint
+    /// written now names as the group's committed offset.
+    committed: Vec<(Arc<str>, i32, i64)>,
+    /// Points whose checkpoints were stored since [`Ledger::take_stored`].
+    stored: Vec<CommitPoint>,
+    carry: Carry,
 }
 
 /// How long [`Ledger::settle`] waits for work in flight.
@@ -179,12 +185,51 @@ impl Ledger {
             retry_at: None,
             next_commit: None,
             abandoned: 0,
+            committed: Vec::new(),
+            stored: Vec::new(),
+            carry: Carry::default(),
         }
     }
 
     /// Window mode's checkpoint store.
     pub fn checkpoints(&self) -> Option<&CheckpointStore> {
         self.checkpoints.as_ref()
+    }
+
+    /// The points whose checkpoints were stored since the last call.
+    pub fn take_stored(&mut self) -> Vec<CommitPoint> {
+        std::mem::take(&mut self.stored)
+    }
+
+    /// Stores checkpoints that must be durable before a work is handed to
+    /// delivery (closures decided by wall clock); nothing is committed.
+    pub fn record_first(&mut self, points: &[CommitPoint]) -> Result<(), String> {
+        let Some(writer) = &self.checkpoints else {
+            return Ok(());
+        };
+        let mut points = self.carry.records(points);
+        self.name_committed(&mut points);
+        for (topic, items) in by_topic(&points) {
+            writer.write(topic, &items)?;
+        }
+        self.carry.written(&points);
+        self.stored.extend(points);
+        Ok(())
+    }
+
+    /// Sets each checkpoint's `previous` to the offset this process last
+    /// committed for its partition, when it committed one.
+    fn name_committed(&self, points: &mut [CommitPoint]) {
+        for p in points {
+            let Some(c) = &mut p.checkpoint else { continue };
+            if let Some((_, _, o)) = self
+                .committed
+                .iter()
+                .find(|(t, q, _)| *q == p.partition && *t == p.topic)
+            {
+                c.previous = Some(*o);
+            }
+        }
     }
 
     /// Records that one more work was handed to delivery.
@@ -223,6 +268,10 @@ impl Ledger {
         self.pending.clear();
         self.pending_messages = 0;
         self.retry_at = None;
+        // Whoever owns the partitions next may commit them.
+        self.committed.clear();
+        self.stored.clear();
+        self.carry = Carry::default();
     }
 
     /// Gives up waiting for the work in flight after a revocation that could
@@ -352,25 +401,148 @@ impl Ledger {
     }
 
     fn store_and_commit<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) -> bool {
+        let mut pending = std::mem::take(&mut self.pending);
+        self.carry.commits(&mut pending);
+        self.name_committed(&mut pending);
+        self.pending = pending;
         if let Some(writer) = &self.checkpoints {
-            let mut by_topic: Vec<(&str, Vec<(i32, Checkpoint)>)> = Vec::new();
-            for p in &self.pending {
-                let Some(c) = p.checkpoint else { continue };
-                match by_topic.iter_mut().find(|(t, _)| *t == &*p.topic) {
-                    Some((_, items)) => items.push((p.partition, c)),
-                    None => by_topic.push((&p.topic, vec![(p.partition, c)])),
-                }
-            }
-            for (topic, items) in by_topic {
+            for (topic, items) in by_topic(&self.pending) {
                 if let Err(e) = writer.write(topic, &items) {
                     metrics::counter!(telemetry::CHECKPOINT_FAILURES).increment(1);
                     warn!(target: LOG_TARGET, error = %e, "checkpoint write failed; the commit waits and is retried");
                     return false;
                 }
             }
+            self.carry.written(&self.pending);
+            self.stored.extend(self.pending.iter().cloned());
         }
-        commit(consumer, &self.pending, COMMIT_ATTEMPTS)
+        if !commit(consumer, &self.pending, COMMIT_ATTEMPTS) {
+            return false;
+        }
+        for p in &self.pending {
+            match self
+                .committed
+                .iter_mut()
+                .find(|(t, q, _)| *q == p.partition && *t == p.topic)
+            {
+                Some(c) => c.2 = p.offset,
+                None => self
+                    .committed
+                    .push((p.topic.clone(), p.partition, p.offset)),
+            }
+        }
+        true
     }
+}
+
+/// What this process wrote to the checkpoint topic, per partition: the last
+/// checkpoint, and the closures stored ahead of delivery that later writes
+/// must carry. Work is delivered, and its commit checkpoint written, after
+/// later work's records (`record_first`) may have been: that checkpoint,
+/// computed before their closures were decided, must not hide them.
+#[derive(Debug, Default)]
+pub struct Carry {
+    last: Vec<(Arc<str>, i32, Checkpoint)>,
+    recorded: Vec<(Arc<str>, i32, Vec<Closure>)>,
+}
+
+impl Carry {
+    /// The records to store ahead of a work's delivery: each built on the
+    /// last checkpoint written for its partition when that is further on,
+    /// with every closure recorded and not yet covered.
+    pub fn records(&mut self, points: &[CommitPoint]) -> Vec<CommitPoint> {
+        let mut points = points.to_vec();
+        for p in &mut points {
+            let last = find(&self.last, p).map(|(_, _, l)| l.clone());
+            let Some(c) = &mut p.checkpoint else { continue };
+            let closures = c.closures.clone();
+            if let Some(last) = last {
+                if last.offset > c.offset {
+                    let closed = c.closed_ms;
+                    *c = last;
+                    c.closed_ms = c.closed_ms.max(closed);
+                    p.offset = c.offset;
+                }
+            }
+            match self
+                .recorded
+                .iter_mut()
+                .find(|(t, q, _)| *q == p.partition && *t == p.topic)
+            {
+                Some((_, _, r)) => r.extend(closures),
+                None => self.recorded.push((p.topic.clone(), p.partition, closures)),
+            }
+        }
+        self.commits(&mut points);
+        points
+    }
+
+    /// Adds to each checkpoint the closures recorded for its partition.
+    pub fn commits(&self, points: &mut [CommitPoint]) {
+        for p in points {
+            if let Some((_, _, r)) = find(&self.recorded, p) {
+                let r = r.clone();
+                if let Some(c) = &mut p.checkpoint {
+                    fold(c, &r);
+                }
+            }
+        }
+    }
+
+    /// Notes what was written: closures at or below a written offset are in
+    /// its `closed_ms` from then on.
+    pub fn written(&mut self, points: &[CommitPoint]) {
+        for p in points {
+            let Some(c) = &p.checkpoint else { continue };
+            match self
+                .last
+                .iter_mut()
+                .find(|(t, q, _)| *q == p.partition && *t == p.topic)
+            {
+                Some((_, _, l)) => *l = c.clone(),
+                None => self.last.push((p.topic.clone(), p.partition, c.clone())),
+            }
+            if let Some((_, _, r)) = self
+                .recorded
+                .iter_mut()
+                .find(|(t, q, _)| *q == p.partition && *t == p.topic)
+            {
+                r.retain(|x| x.offset > c.offset);
+            }
+        }
+    }
+}
+
+fn find<'a, T>(items: &'a [(Arc<str>, i32, T)], p: &CommitPoint) -> Option<&'a (Arc<str>, i32, T)> {
+    items
+        .iter()
+        .find(|(t, q, _)| *q == p.partition && *t == p.topic)
+}
+
+/// Adds `closures` to `c`: those at or below its offset as what is closed
+/// there, the others as closures still to come, each once.
+fn fold(c: &mut Checkpoint, closures: &[Closure]) {
+    for x in closures {
+        if x.offset <= c.offset {
+            c.closed_ms = c.closed_ms.max(Some(x.through_ms));
+        } else if !c.closures.contains(x) {
+            c.closures.push(*x);
+        }
+    }
+    c.closures.sort_by_key(|x| x.offset);
+}
+
+/// The checkpoints of `points`, by topic.
+fn by_topic(points: &[CommitPoint]) -> Vec<(&str, Vec<(i32, Checkpoint)>)> {
+    let mut out: Vec<(&str, Vec<(i32, Checkpoint)>)> = Vec::new();
+    for p in points {
+        let Some(c) = &p.checkpoint else { continue };
+        match out.iter_mut().find(|(t, _)| *t == &*p.topic) {
+            Some((_, items)) => items.push((p.partition, c.clone())),
+            None => out.push((&p.topic, vec![(p.partition, c.clone())])),
+        }
+    }
+    out
 }
 
 #[cfg(test)]

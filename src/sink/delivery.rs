@@ -16,6 +16,11 @@
 //! each work in order. A job has a fixed cost whatever its size; a backlog
 //! of small windows pays it once per job instead of once per window. The
 //! packets are the same either way.
+//!
+//! Every packet is made to fit the output topic before it is published
+//! ([`packet::bounded`] within [`Limits::packet_bytes`]): a packet the
+//! producer or the broker refused would be refused again at every restart,
+//! since the same window gives the same packet.
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
@@ -34,7 +39,7 @@ use crate::core::packet::{self, Identity, Packet};
 use crate::core::privacy::{DeadLetters, Pseudonymizer};
 use crate::settings::Settings;
 use crate::sink::metrics_log::MetricsLog;
-use crate::sink::publisher::{OutRecord, Publisher};
+use crate::sink::publisher::{Limits, OutRecord, Publisher};
 use crate::telemetry::{self, Health, LogLimit, Progress};
 use crate::work::{Columns, CommitPoint, InvalidMessage, Work};
 
@@ -232,6 +237,8 @@ impl Delivery {
     /// builds the dead letters, pseudonymized when so configured (all on the
     /// blocking pool, so the runtime never stalls).
     async fn build(&self, job: Vec<Work>) -> anyhow::Result<Vec<Built>> {
+        let limits: Limits = self.publisher.limits().await;
+        let max_bytes = limits.packet_bytes();
         let analysed = Instant::now();
         let (settings, privacy, identity) = (
             self.settings.clone(),
@@ -278,7 +285,27 @@ impl Delivery {
                 for mut batch in batches {
                     let reports = reports.next().expect("one list of reports per batch");
                     let packet = packet::build(&batch, &reports, &privacy, &identity, Utc::now());
-                    let json = packet.to_json();
+                    let packet::Bounded { packet, json, cut } = packet::bounded(packet, max_bytes);
+                    if let Some(cut) = cut {
+                        if cut.over {
+                            error!(
+                                packet_id = %packet.packet_id,
+                                bytes = json.len(),
+                                max_bytes,
+                                "packet larger than the output topic takes even without its duplicate rows; it will be refused (raise the output topic's max.message.bytes, and kafka.producer's message.max.bytes if it is the smaller)"
+                            );
+                        } else {
+                            warn!(
+                                packet_id = %packet.packet_id,
+                                original_bytes = cut.original_bytes,
+                                bytes = json.len(),
+                                max_bytes,
+                                values_cut = cut.values,
+                                rows_left_out = cut.rows,
+                                "packet larger than the output topic takes; long values cut and rows left out to fit (truncated = true)"
+                            );
+                        }
+                    }
                     // The columns are the bulk of a batch; free them before delivery.
                     batch.columns = Columns::default();
                     packets.push((packet, json));

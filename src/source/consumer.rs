@@ -32,7 +32,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::commit::checkpoint::{self, CheckpointStore, Restore};
+use crate::commit::checkpoint::{self, Checkpoint, CheckpointStore, Restore};
 use crate::commit::ledger::{self as offsets, Ledger, Wait};
 use crate::core::event::{self, Requirements};
 use crate::core::grouping::{Flow, Grouping};
@@ -46,8 +46,11 @@ use crate::work::{CloseReason, Message, Work};
 
 /// Longest blocking poll, so shutdown and deadlines are seen promptly.
 const MAX_POLL: Duration = Duration::from_millis(100);
-/// How long reading a partition's committed checkpoint may take on assignment.
+/// How long reading the committed offsets may take on assignment, and how
+/// long the checkpoint read may go without progress (it has no deadline).
 const CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Attempts at claiming assigned partitions' checkpoints before the run stops.
+const CLAIM_ATTEMPTS: u32 = 3;
 /// How often window gauges are refreshed.
 const GAUGE_INTERVAL: Duration = Duration::from_millis(250);
 /// How often the consumer offers held work again while delivery is behind.
@@ -186,6 +189,8 @@ pub struct Driver {
     grouping: Box<dyn Grouping>,
     requirements: Requirements,
     max_future_ms: Option<i64>,
+    /// The wall clock plus `events.max_future`, for records without a timestamp.
+    wall_not_after: Option<i64>,
     to_delivery: Option<mpsc::Sender<Work>>,
     ledger: Ledger,
     /// Work closed and not yet taken by delivery, oldest first.
@@ -203,6 +208,9 @@ pub struct Driver {
     gauges_at: Instant,
     /// A bounded run's range: where each partition ends, what is read.
     bound: Option<Bound>,
+    /// A partition with no committed offset starts at its end
+    /// (`auto.offset.reset = latest`) rather than its beginning.
+    start_at_end: bool,
 }
 
 /// The time bounds of the consumer thread.
@@ -231,6 +239,7 @@ impl Driver {
             grouping,
             requirements,
             max_future_ms: max_future.map(|d| d.as_millis().min(i64::MAX as u128) as i64),
+            wall_not_after: None,
             to_delivery: Some(to_delivery),
             ledger: Ledger::new(acks, progress.clone(), checkpoints),
             ready: VecDeque::new(),
@@ -243,6 +252,16 @@ impl Driver {
             replayed_seen: 0,
             gauges_at: Instant::now(),
             bound: None,
+            start_at_end: false,
+        }
+    }
+
+    /// Tells grouping which checkpoints are stored, before it makes any
+    /// more work: a record it writes ahead of delivery builds on them.
+    fn forward_stored(&mut self) {
+        let stored = self.ledger.take_stored();
+        if !stored.is_empty() {
+            self.grouping.stored(&stored);
         }
     }
 
@@ -307,8 +326,7 @@ impl Driver {
     /// Refreshes the wall-clock bound on event time (`events.max_future`).
     fn refresh_clock(&mut self) {
         if let Some(ahead) = self.max_future_ms {
-            self.requirements.not_after_ms =
-                Some(chrono::Utc::now().timestamp_millis().saturating_add(ahead));
+            self.wall_not_after = Some(chrono::Utc::now().timestamp_millis().saturating_add(ahead));
         }
     }
 
@@ -322,6 +340,7 @@ impl Driver {
                 m.offset(),
                 m.key(),
                 m.payload().unwrap_or_default(),
+                m.timestamp().to_millis(),
             );
             self.progress.messages.fetch_add(1, Ordering::Relaxed);
             self.on_record(&fetch, now);
@@ -367,6 +386,15 @@ impl Driver {
             offset: f.offset,
             key: f.key,
             payload: f.payload,
+            timestamp_ms: f.timestamp_ms,
+        };
+        // Measured from the record's own timestamp, the bound is part of the
+        // data: a replay a day later rejects exactly what this run rejected.
+        // Only a record without one falls back to the wall clock.
+        self.requirements.not_after_ms = match (self.max_future_ms, f.timestamp_ms) {
+            (Some(ahead), Some(t)) => Some(t.saturating_add(ahead)),
+            (Some(_), None) => self.wall_not_after,
+            (None, _) => None,
         };
         match event::parse(m.payload, &self.requirements) {
             Ok(ev) => self.grouping.push_event(&m, &ev, now),
@@ -396,6 +424,7 @@ impl Driver {
         routes: &Routes,
         now: Instant,
     ) {
+        self.forward_stored();
         for work in self.grouping.take_work(now) {
             self.push_ready(work);
         }
@@ -430,8 +459,24 @@ impl Driver {
         }
     }
 
-    /// Makes closed work ready for delivery.
+    /// Makes closed work ready for delivery. Closures decided by wall clock
+    /// are stored first: once a packet they close may be published, a replay
+    /// must decide them the same way.
     fn push_ready(&mut self, work: Work) {
+        if self.ledger.failure().is_some() {
+            // Nothing more goes out after a failure; the next start
+            // replays this work.
+            return;
+        }
+        if !work.record_first.is_empty() {
+            if let Err(e) = self.ledger.record_first(&work.record_first) {
+                metrics::counter!(telemetry::CHECKPOINT_FAILURES).increment(1);
+                self.ledger.fail(format!(
+                    "cannot store the window closures decided by wall clock before their packets: {e}"
+                ));
+                return;
+            }
+        }
         for batch in &work.batches {
             metrics::counter!(telemetry::BATCHES, "closed_by" => batch.closed_by.as_str())
                 .increment(1);
@@ -488,6 +533,7 @@ impl Driver {
         match result {
             Ok(()) => {
                 self.held = behind;
+                self.grouping.hold(behind, Instant::now());
                 metrics::gauge!(telemetry::CONSUMPTION_HELD).set(if behind { 1.0 } else { 0.0 });
                 if behind {
                     info!(
@@ -507,6 +553,10 @@ impl Driver {
     /// Returns whether nothing is left ready.
     fn dispatch(&mut self, until: Option<Instant>) -> bool {
         while let Some(work) = self.ready.pop_front() {
+            if self.ledger.failure().is_some() {
+                self.ready.clear();
+                break;
+            }
             let Some(tx) = &self.to_delivery else {
                 self.ready.clear();
                 break;
@@ -562,6 +612,7 @@ impl Driver {
         until: Option<Instant>,
     ) -> bool {
         if self.ledger.failure().is_none() {
+            self.forward_stored();
             for work in self.grouping.close(reason, now) {
                 self.push_ready(work);
             }
@@ -639,6 +690,7 @@ impl Driver {
         self.held = false;
         metrics::gauge!(telemetry::CONSUMPTION_HELD).set(0.0);
         self.grouping.reset();
+        self.ledger.take_stored();
         if let Some(bound) = &mut self.bound {
             bound.revoke();
         }
@@ -692,13 +744,31 @@ impl Driver {
                     return;
                 }
             };
+            let mut claims = Vec::new();
             for p in partitions {
                 let committed = committed.get(&p).copied();
-                let restore = checkpoint::resolve(committed, stored.get(&p).copied());
+                // Where a partition with neither a commit nor a checkpoint
+                // starts, so that closures decided before it sends anything
+                // have a position to be recorded at.
+                let start = match (committed, stored.contains_key(&p)) {
+                    (None, false) => consumer
+                        .fetch_watermarks(&topic, p, CHECKPOINT_TIMEOUT)
+                        .ok()
+                        .map(|(low, high)| if self.start_at_end { high } else { low }),
+                    _ => committed,
+                };
+                let restore = checkpoint::resolve(committed, stored.get(&p).cloned());
                 let cp = match restore {
                     Restore::From(c) => {
-                        info!(topic = %topic, partition = p, offset = c.offset, committed = ?committed, progress_ms = ?c.progress_ms, closed_through_ms = ?c.closed_through_ms, "window checkpoint restored");
+                        info!(topic = %topic, partition = p, offset = c.offset, committed = ?committed, progress_ms = ?c.progress_ms, closed_ms = ?c.closed_ms, emitted_ms = ?c.emitted_ms, closures = c.closures.len(), "window checkpoint restored");
                         Some(c)
+                    }
+                    Restore::Reset {
+                        committed,
+                        checkpoint,
+                    } => {
+                        warn!(topic = %topic, partition = p, committed, checkpoint, "the group's committed offset was moved (not by this service): reading from it without window state, as a reset asks");
+                        None
                     }
                     Restore::Stale {
                         committed,
@@ -709,7 +779,14 @@ impl Driver {
                     }
                     Restore::Fresh => None,
                 };
-                self.grouping.assign(p, cp, committed, now);
+                // What reading starts from, claimed under a new epoch.
+                let claim = cp.clone().or(start.map(|o| Checkpoint {
+                    offset: o,
+                    previous: committed,
+                    ..Checkpoint::default()
+                }));
+                claims.extend(claim.map(|c| (p, c)));
+                self.grouping.assign(p, cp, start, now);
                 let read = self
                     .bound
                     .as_mut()
@@ -717,6 +794,22 @@ impl Driver {
                     .unwrap_or_default();
                 for p in read {
                     self.end_of_range(p, now);
+                }
+            }
+            if let Some(store) = self.ledger.checkpoints() {
+                // A few tries: this runs inside the rebalance callback, which
+                // must return within the poll interval.
+                let mut tries = 1;
+                while let Err(e) = store.claim(&topic, &claims) {
+                    if tries >= CLAIM_ATTEMPTS {
+                        self.ledger.fail(format!(
+                            "cannot claim the window checkpoints of {topic} ({tries} attempts): {e}"
+                        ));
+                        return;
+                    }
+                    warn!(topic = %topic, error = %e, attempt = tries, "claiming the window checkpoints failed; trying again");
+                    tries += 1;
+                    std::thread::sleep(Duration::from_secs(1));
                 }
             }
         }
@@ -787,7 +880,8 @@ pub fn consume(
 ) -> Result<(), String> {
     let mut driver = driver;
     driver.health = Some(health.clone());
-    let mut config = crate::kafka::consumer(k);
+    driver.start_at_end = k.auto_offset_reset == crate::settings::OffsetReset::Latest;
+    let mut config = crate::kafka::member(k);
     if driver.bound.is_some() {
         // The end of a partition is how a bounded run knows an empty range,
         // or one that ends in transaction markers, is read.
@@ -817,6 +911,14 @@ pub fn consume(
         d.refresh_clock();
     }
     while !shutdown.is_cancelled() {
+        if let Some(reason) = kafka::fatal(consumer.client()) {
+            // Fenced, say: this member's partitions belong to another now, so
+            // nothing in flight may be committed and nothing is waited for.
+            error!(reason = %reason, "stopping: the consumer cannot go on");
+            drop(lock(&consumer).take());
+            health.stopped();
+            return Err(reason);
+        }
         // Rebalances, errors and commit results, and the messages of any
         // partition that could not be routed to `fetch`.
         let polled = consumer.poll(Duration::ZERO);
@@ -887,6 +989,7 @@ pub fn consume(
     let mut driver = lock(&consumer).take().expect("driver present until here");
     let now = Instant::now();
     if driver.range_read() && driver.ledger.failure().is_none() {
+        driver.forward_stored();
         for work in driver.grouping.finish(now) {
             driver.push_ready(work);
         }

@@ -272,12 +272,16 @@ impl<'c> FetchQueue<'c> {
             };
             let error =
                 (m.err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR).then_some(m.err);
+            let mut kind = rd::rd_kafka_timestamp_type_t::RD_KAFKA_TIMESTAMP_NOT_AVAILABLE;
+            // SAFETY: a live message, as above.
+            let ts = unsafe { rd::rd_kafka_message_timestamp(m, &mut kind) };
             messages.push(Fetch {
                 topic: topic.1,
                 partition: m.partition,
                 offset: m.offset,
                 key: bytes(m.key, m.key_len),
                 payload: bytes(m.payload, m.len).unwrap_or_default(),
+                timestamp_ms: (ts >= 0).then_some(ts),
                 error,
             });
         }
@@ -378,6 +382,8 @@ pub struct Fetch<'a> {
     pub key: Option<&'a [u8]>,
     /// The payload, empty for a message without one.
     pub payload: &'a [u8],
+    /// The record's timestamp (create or log-append time), when it has one.
+    pub timestamp_ms: Option<i64>,
     error: Option<rd::rd_kafka_resp_err_t>,
 }
 
@@ -389,6 +395,7 @@ impl<'a> Fetch<'a> {
         offset: i64,
         key: Option<&'a [u8]>,
         payload: &'a [u8],
+        timestamp_ms: Option<i64>,
     ) -> Self {
         Fetch {
             topic,
@@ -396,6 +403,7 @@ impl<'a> Fetch<'a> {
             offset,
             key,
             payload,
+            timestamp_ms,
             error: None,
         }
     }

@@ -3,8 +3,10 @@
 //! independent oracle ([`reference`]), the pipeline in process
 //! ([`in_process`]), the real binary as a subprocess ([`service`]), the
 //! Apache Kafka broker ([`broker`]), HTTP ([`http`]), commit order from the
-//! service's own log ([`order`]), the browser ([`browser`]) and the command
-//! line ([`cli`]). Each test binary uses some of them.
+//! service's own log ([`order`]), window mode's input, oracle and checks
+//! for the tests that run in both modes ([`windowed`]), the browser
+//! ([`browser`]) and the command line ([`cli`]). Each test binary uses some
+//! of them.
 #![allow(dead_code, unused_imports)]
 
 pub mod broker;
@@ -17,6 +19,7 @@ pub mod order;
 pub mod output;
 pub mod reference;
 pub mod service;
+pub mod windowed;
 
 pub use http::*;
 pub use in_process::*;

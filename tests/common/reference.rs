@@ -74,7 +74,7 @@ pub fn packet_rows(p: &Packet, slice_index: usize) -> Rows {
 fn packet_schema() -> (boon::Schemas, boon::SchemaIndex) {
     let schema: Value =
         serde_json::from_str(include_str!("../../docs/packet.schema.json")).unwrap();
-    let url = "https://login-metrics.dev/schema/packet/v2.json";
+    let url = "https://login-metrics.dev/schema/packet/v3.json";
     let mut compiler = boon::Compiler::new();
     compiler.add_resource(url, schema).unwrap();
     let mut schemas = boon::Schemas::new();

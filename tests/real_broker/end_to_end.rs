@@ -2,7 +2,10 @@
 //! (Apache Kafka, a separate process on 127.0.0.1): end to end, kill -9, SIGTERM,
 //! two instances in one group and a rebalance with a batch in flight. Input
 //! and output are checked with an independent consumer, and every run's
-//! commits against its own log (`crate::common::order`).
+//! commits against its own log (`crate::common::order`). The kill -9,
+//! SIGTERM, two-instance and rebalance tests run in arrival mode and again
+//! in window mode with the default window settings (`..._in_window_mode`),
+//! checked as `crate::common::windowed` describes.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -10,6 +13,7 @@ use std::time::Duration;
 use crate::common::broker::Broker;
 use crate::common::order::{check_arrival_commit_order, logged, published_count, Logged};
 use crate::common::service::{base, logged_env, wait_committed_while_running, Service};
+use crate::common::windowed::*;
 use crate::common::*;
 use login_metrics::core::packet::Packet;
 use rand::{Rng, SeedableRng};
@@ -634,4 +638,356 @@ async fn a_rebalance_with_a_batch_in_flight_delivers_it_and_closes_the_open_batc
         dead, invalid,
         "every invalid message is a dead letter exactly once"
     );
+}
+
+/// [`kill_9_at_random_points_loses_nothing`] in window mode with the default
+/// window settings: 60,000 messages whose event times span 24 windows of
+/// 2,500 events, six runs killed with SIGKILL at seeded random points, then
+/// one to the end. A run reads a preloaded topic whole within a second, so
+/// the input is produced while the runs come and go, 2,500 messages a
+/// second (a window of event time a second), and every kill finds windows
+/// open, closing and in delivery. Over distinct packet ids every valid event
+/// is counted once or is a late dead letter; a window published again
+/// carries its id and content; windows close by watermark as the input is
+/// read and the last ones by wait; every logged commit, across the runs,
+/// follows the packets of the windows it passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_random_points_loses_nothing_in_window_mode() {
+    let b = broker_with_topics(3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let input = timed_input(33, 20_000, 60_000, 3, 4.0);
+    let ends = end_offsets(&input.map(), 3);
+    let feed = Feed::start(&b.bootstrap, INPUT, input.inputs.clone(), 2_500.0);
+    // One instance started again after each kill, under one name (see
+    // `kill_9_with_windows_in_flight_loses_nothing_in_window_mode` in the
+    // mock-cluster suite).
+    let mut env = Mode::Window.env();
+    env.push(("KAFKA__INSTANCE_NAME", "crashy"));
+    let e = logged_env(&b.bootstrap, "crashy", &env);
+
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(20261121);
+    let mut logs: Vec<(String, String, Vec<i64>)> = Vec::new();
+    for i in 0..6 {
+        let name = format!("crash{i}");
+        let before = committed(&b.bootstrap, "crashy", 3);
+        let mut svc = Service::start(dir.path(), &name, &e);
+        svc.wait_ready(READY);
+        let ms = rng.gen_range(200..2_500);
+        std::thread::sleep(Duration::from_millis(ms));
+        svc.signal("KILL");
+        assert_eq!(
+            svc.wait_exit(Duration::from_secs(10)),
+            None,
+            "killed by the signal"
+        );
+        eprintln!(
+            "run {i}: killed after {ms} ms; committed {before:?} -> {:?}; {} packets published",
+            committed(&b.bootstrap, "crashy", 3),
+            published_count(&svc.stderr())
+        );
+        logs.push((name, svc.stderr(), before));
+    }
+    assert_eq!(
+        feed.finish(),
+        input.inputs.len(),
+        "the whole input produced"
+    );
+    let before = committed(&b.bootstrap, "crashy", 3);
+    let mut last = Service::start(dir.path(), "final", &e);
+    last.wait_ready(READY);
+    wait_committed(&b.bootstrap, "crashy", &ends, DONE);
+    last.signal("TERM");
+    assert_eq!(last.wait_exit(DONE), Some(0), "{}", last.stderr());
+    logs.push(("final".into(), last.stderr(), before));
+
+    let checked = check_windows(
+        "crashy",
+        &b.bootstrap,
+        OUTPUT,
+        DLQ,
+        &input,
+        &Expect::default(),
+    );
+    assert_closed_by_watermark_and_wait("crashy", &checked);
+    let mut order = WindowCommitOrder::new(&input, &checked.late);
+    let mut done = Vec::new();
+    for (name, stderr, before) in &logs {
+        done = order.check(name, stderr, before).0;
+    }
+    assert_eq!(done, ends, "the logged commits reach the end");
+}
+
+/// [`sigterm_mid_run_flushes_commits_exits_zero_and_a_restart_reprocesses_nothing`]
+/// in window mode: SIGTERM once the first half of the input (twelve windows
+/// of event time) is read. The windows already closed by watermark are
+/// delivered and committed and the process exits 0; the windows still open
+/// are not published, and their offsets stay uncommitted. The restart, with
+/// the second half produced, publishes them whole and no window of the first
+/// run again (its checkpoint says they were emitted): no packet id and no
+/// window in both runs, and over both every valid event is counted once or
+/// is a late dead letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_run_flushes_commits_exits_zero_and_a_restart_reprocesses_nothing_in_window_mode(
+) {
+    let b = broker_with_topics(3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let input = timed_input(44, 10_000, 60_000, 3, 4.0);
+    let half = input.inputs.len() / 2;
+    produce(&b.bootstrap, INPUT, &input.inputs[..half]);
+    let half_ends = end_offsets(&input.prefix(half).map(), 3);
+    let ends = end_offsets(&input.map(), 3);
+    let e = logged_env(&b.bootstrap, "term", &Mode::Window.env());
+    let mut first = Service::start(dir.path(), "first", &e);
+    first.wait_ready(READY);
+    first.wait_for("the first half consumed", DONE, |s| {
+        s.consumed() == Some(half as u64)
+    });
+    first.signal("TERM");
+    assert_eq!(first.wait_exit(DONE), Some(0), "{}", first.stderr());
+    let stderr = first.stderr();
+    assert!(
+        stderr.contains("\"message\":\"stopped\""),
+        "a run summary is logged: {stderr}"
+    );
+    let one = first.logged_packets();
+    assert!(!one.is_empty(), "windows closed before the signal");
+    for p in &one {
+        assert_eq!(
+            p.window.closed_by, "watermark",
+            "only windows closed by watermark before the signal are published"
+        );
+    }
+    let after_first = committed(&b.bootstrap, "term", 3);
+    assert!(
+        after_first
+            .iter()
+            .zip(&half_ends)
+            .all(|(c, e)| *c > 0 && c <= e)
+            && after_first != half_ends,
+        "the closed windows are committed, the open ones are not: {after_first:?} of {half_ends:?}"
+    );
+
+    produce(&b.bootstrap, INPUT, &input.inputs[half..]);
+    let mut second = Service::start(dir.path(), "second", &e);
+    second.wait_ready(READY);
+    wait_committed(&b.bootstrap, "term", &ends, DONE);
+    second.signal("TERM");
+    assert_eq!(second.wait_exit(DONE), Some(0), "{}", second.stderr());
+    let two = second.logged_packets();
+    let windows = |ps: &[Packet]| -> std::collections::BTreeSet<(i64, Option<u32>)> {
+        ps.iter()
+            .map(|p| (Checked::start_of(p), p.window.pane))
+            .collect()
+    };
+    let both: Vec<_> = windows(&one)
+        .intersection(&windows(&two))
+        .copied()
+        .collect();
+    assert!(
+        both.is_empty(),
+        "the restart published windows of the first run again: {both:?}"
+    );
+
+    let checked = check_windows(
+        "term",
+        &b.bootstrap,
+        OUTPUT,
+        DLQ,
+        &input,
+        &Expect::default(),
+    );
+    assert_closed_by_watermark_and_wait("term", &checked);
+    assert_eq!(
+        checked.copies,
+        checked.packets.len(),
+        "no packet published twice"
+    );
+    let mut order = WindowCommitOrder::new(&input, &checked.late);
+    let (done, _) = order.check("first", &stderr, &[0, 0, 0]);
+    assert_eq!(done, after_first, "the first run's logged commits");
+    let (done, _) = order.check("second", &second.stderr(), &after_first);
+    assert_eq!(done, ends, "the logged commits reach the end");
+}
+
+/// [`two_instances_in_one_group_share_the_partitions`] in window mode: each
+/// instance reports the windows of its own partitions, so a window appears
+/// at most once per instance, each packet naming only its instance's
+/// partitions; over distinct packet ids every valid event is counted once or
+/// is a late dead letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_in_one_group_share_the_partitions_in_window_mode() {
+    let b = broker_with_topics(3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let e = logged_env(&b.bootstrap, "pair", &Mode::Window.env());
+    let mut a = Service::start(dir.path(), "a", &e);
+    a.wait_ready(READY);
+    let mut c = Service::start(dir.path(), "c", &e);
+    c.wait_ready(READY);
+    // Both members hold partitions now; the rebalance that let the second in is over.
+    a.wait_ready(READY);
+
+    // 24 windows of 1,250 events.
+    let input = timed_input(55, 10_000, 30_000, 3, 8.0);
+    produce(&b.bootstrap, INPUT, &input.inputs);
+    let ends = end_offsets(&input.map(), 3);
+    wait_committed_while_running(&b.bootstrap, "pair", &ends, DONE, &mut [&mut a, &mut c]);
+    a.signal("TERM");
+    c.signal("TERM");
+    assert_eq!(a.wait_exit(DONE), Some(0), "{}", a.stderr());
+    assert_eq!(c.wait_exit(DONE), Some(0), "{}", c.stderr());
+
+    let (pa, pc) = (a.logged_packets(), c.logged_packets());
+    let (parts_a, parts_c) = (partitions_of(&pa), partitions_of(&pc));
+    assert!(
+        !parts_a.is_empty() && !parts_c.is_empty(),
+        "both instances worked: {parts_a:?} {parts_c:?}"
+    );
+    assert!(
+        parts_a.is_disjoint(&parts_c),
+        "each partition has one owner: {parts_a:?} {parts_c:?}"
+    );
+    for (name, ps) in [("a", &pa), ("c", &pc)] {
+        let mut seen = std::collections::BTreeSet::new();
+        for p in ps {
+            assert!(
+                seen.insert((Checked::start_of(p), p.window.pane)),
+                "{name} reported window {} twice",
+                Checked::start_of(p)
+            );
+        }
+    }
+
+    let checked = check_windows(
+        "pair",
+        &b.bootstrap,
+        OUTPUT,
+        DLQ,
+        &input,
+        &Expect::default(),
+    );
+    assert_closed_by_watermark_and_wait("pair", &checked);
+    assert_eq!(
+        checked.copies,
+        checked.packets.len(),
+        "no packet published twice"
+    );
+    let shared = pa
+        .iter()
+        .filter(|p| pc.iter().any(|q| q.window.start == p.window.start))
+        .count();
+    assert!(shared > 0, "some windows are reported by both instances");
+    let mut order = WindowCommitOrder::new(&input, &checked.late);
+    for (name, svc) in [("a", &a), ("c", &c)] {
+        let (_, commits) = order.check(name, &svc.stderr(), &[0, 0, 0]);
+        assert!(commits > 0, "{name} committed");
+    }
+}
+
+/// [`a_rebalance_with_a_batch_in_flight_delivers_it_and_closes_the_open_batch`]
+/// in window mode. Instance `a` reads the first part of the input alone (30 s
+/// of event time): the first windows close by watermark and are published,
+/// but its metrics log is a full disk (`/dev/full`), so that work stays in
+/// flight; the last window stays open. Instance `c` joins the group, and the
+/// rebalance revokes `a`'s partitions while that work is in flight (`a`
+/// logs how much). Once the disk has room, `a` delivers the work in flight
+/// and commits before the partitions go; the open window is not published
+/// (nothing closes by `rebalance` in window mode) and is computed whole by
+/// the partitions' next readers. Then the rest of the input is shared by
+/// both: over distinct packet ids every valid event is counted once or is a
+/// late dead letter, every invalid message is a dead letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebalance_with_a_batch_in_flight_delivers_it_in_window_mode() {
+    let b = broker_with_topics(3).await;
+    let group = "rebalance";
+    let dir = tempfile::tempdir().unwrap();
+    let input = timed_input(65, 3_000, 4_500, 3, 20.0);
+    let first = 1_500;
+    produce(&b.bootstrap, INPUT, &input.inputs[..first]);
+    let ends = end_offsets(&input.map(), 3);
+    // Service::start puts the log at DIR/NAME.metrics.log.
+    let log_a = dir.path().join("a.metrics.log");
+    std::os::unix::fs::symlink("/dev/full", &log_a).unwrap();
+    let e = logged_env(&b.bootstrap, group, &Mode::Window.env());
+    let mut a = Service::start(dir.path(), "a", &e);
+    a.wait_ready(READY);
+    a.wait_for(
+        "a consumed the first part and cannot log its packet",
+        DONE,
+        |s| {
+            s.consumed() == Some(first as u64)
+                && metric(&s.metrics(), "login_metrics_metrics_log_failures_total")
+                    .is_some_and(|n| n >= 1.0)
+        },
+    );
+
+    let mut c = Service::start(dir.path(), "c", &e);
+    a.wait_for("a's partitions revoked", DONE, |s| {
+        logged(&s.stderr())
+            .iter()
+            .any(|l| matches!(l, Logged::Revoked { .. }))
+    });
+    let revoked: Vec<u64> = logged(&a.stderr())
+        .iter()
+        .filter_map(|l| match l {
+            Logged::Revoked { in_flight } => Some(*in_flight),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        revoked[0] >= 1,
+        "the windows closed by watermark were in flight at the revocation"
+    );
+    assert_eq!(
+        published_count(&a.stderr()),
+        0,
+        "no packet was acknowledged and logged yet"
+    );
+    // Room again: the next retry reopens the path as a regular file.
+    std::fs::remove_file(&log_a).unwrap();
+    c.wait_ready(READY);
+    a.wait_ready(READY);
+    let stderr = a.stderr();
+    assert!(
+        !stderr.contains("revoked with delivered offsets not committed")
+            && !stderr.contains("revoked while delivery was behind"),
+        "the revocation's delivery or commit failed: {stderr}"
+    );
+    // a is assigned again only once the revocation has returned.
+    let closed = metric_sum(&a.metrics(), "login_metrics_batches_total");
+    assert!(
+        closed >= 1.0 && published_count(&stderr) as f64 == closed,
+        "the revocation delivered every window closed before it ({closed} closed): {stderr}"
+    );
+    produce(&b.bootstrap, INPUT, &input.inputs[first..]);
+    wait_committed_while_running(&b.bootstrap, group, &ends, DONE, &mut [&mut a, &mut c]);
+    a.signal("TERM");
+    c.signal("TERM");
+    assert_eq!(a.wait_exit(DONE), Some(0), "{}", a.stderr());
+    assert_eq!(c.wait_exit(DONE), Some(0), "{}", c.stderr());
+
+    for p in a.logged_packets().iter().chain(&c.logged_packets()) {
+        assert_ne!(
+            p.window.closed_by, "rebalance",
+            "an open window was published"
+        );
+    }
+    let checked = check_windows(group, &b.bootstrap, OUTPUT, DLQ, &input, &Expect::default());
+    assert_closed_by_watermark_and_wait(group, &checked);
+    let mut order = WindowCommitOrder::new(&input, &checked.late);
+    let (_, commits) = order.check("a", &a.stderr(), &[0, 0, 0]);
+    let first_commit = logged(&a.stderr())
+        .into_iter()
+        .find_map(|l| match l {
+            Logged::Committed(offsets) => Some(offsets),
+            _ => None,
+        })
+        .expect("a committed");
+    assert_eq!(
+        first_commit.len(),
+        3,
+        "a committed the delivered windows on every partition before they went: {first_commit:?}"
+    );
+    assert!(commits > 0);
+    let (_, commits) = order.check("c", &c.stderr(), &[0, 0, 0]);
+    assert!(commits > 0, "c worked and committed");
 }

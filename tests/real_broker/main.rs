@@ -1,9 +1,17 @@
 //! Tests of the real binary against Apache Kafka over TCP, started by the
 //! tests from the jars `scripts/install-kafka` fetches: end to end, kill -9,
-//! SIGTERM, several instances, rebalances, windows, and a secured listener.
+//! SIGTERM, several instances, rebalances, restarts under static group
+//! membership, windows, the checkpoint topic, packets and dead letters
+//! larger than their topics take, a secured listener, and scaling down in
+//! window mode.
 
 #[path = "../common/mod.rs"]
 mod common;
 
+mod checkpoints;
 mod end_to_end;
+mod live;
+mod oversize;
+mod restart;
+mod scale;
 mod windows;

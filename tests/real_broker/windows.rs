@@ -19,17 +19,17 @@ use login_metrics::core::packet::Packet;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
-const READY: Duration = Duration::from_secs(60);
-const DONE: Duration = Duration::from_secs(240);
-const PARTITIONS: i32 = 3;
-const SIZE_MS: i64 = 10_000;
-const GRACE_MS: i64 = 5_000;
+pub(crate) const READY: Duration = Duration::from_secs(60);
+pub(crate) const DONE: Duration = Duration::from_secs(240);
+pub(crate) const PARTITIONS: i32 = 3;
+pub(crate) const SIZE_MS: i64 = 10_000;
+pub(crate) const GRACE_MS: i64 = 5_000;
 
 /// One input message: where it goes and, for a valid event, its event time.
-struct Msg {
-    partition: i32,
-    payload: Vec<u8>,
-    ts_ms: Option<i64>,
+pub(crate) struct Msg {
+    pub(crate) partition: i32,
+    pub(crate) payload: Vec<u8>,
+    pub(crate) ts_ms: Option<i64>,
 }
 
 /// Generated events with rewritten timestamps: per partition a forward drift,
@@ -71,21 +71,21 @@ fn input(seed: u64, per_partition: usize) -> Vec<Msg> {
 
 /// The oracle's answer: per window start, the (partition, offset) of its
 /// events; the late events; per coordinate, the payload.
-struct Expected {
-    windows: BTreeMap<i64, BTreeSet<(i32, i64)>>,
-    late: BTreeSet<(i32, i64)>,
-    payloads: HashMap<(i32, i64), Vec<u8>>,
-    ends: Vec<i64>,
+pub(crate) struct Expected {
+    pub(crate) windows: BTreeMap<i64, BTreeSet<(i32, i64)>>,
+    pub(crate) late: BTreeSet<(i32, i64)>,
+    pub(crate) payloads: HashMap<(i32, i64), Vec<u8>>,
+    pub(crate) ends: Vec<i64>,
 }
 
-fn oracle(msgs: &[Msg]) -> Expected {
+pub(crate) fn oracle(msgs: &[Msg]) -> Expected {
     oracle_of(msgs, 0..msgs.len())
 }
 
 /// The oracle of a run that reads only `range` of the messages (in
 /// production order): offsets count every message, windows and lateness
 /// only those in the range, each partition starting without progress.
-fn oracle_of(msgs: &[Msg], range: std::ops::Range<usize>) -> Expected {
+pub(crate) fn oracle_of(msgs: &[Msg], range: std::ops::Range<usize>) -> Expected {
     let mut next = vec![0i64; PARTITIONS as usize];
     let mut ends = vec![None; PARTITIONS as usize];
     let mut progress: Vec<Option<i64>> = vec![None; PARTITIONS as usize];
@@ -126,7 +126,7 @@ fn oracle_of(msgs: &[Msg], range: std::ops::Range<usize>) -> Expected {
     e
 }
 
-fn produce_msgs(bootstrap: &str, topic: &str, msgs: &[Msg]) {
+pub(crate) fn produce_msgs(bootstrap: &str, topic: &str, msgs: &[Msg]) {
     let inputs: Vec<Input> = msgs
         .iter()
         .map(|m| input_of(m.partition, m.payload.clone()))
@@ -140,12 +140,12 @@ fn input_of(partition: i32, payload: Vec<u8>) -> Input {
 
 /// What one run published: packets by window start (every copy, in topic
 /// order), and the dead letters' coordinates by error kind.
-struct Published {
-    packets: BTreeMap<i64, Vec<Packet>>,
-    dead: Vec<(String, i32, i64)>,
+pub(crate) struct Published {
+    pub(crate) packets: BTreeMap<i64, Vec<Packet>>,
+    pub(crate) dead: Vec<(String, i32, i64)>,
 }
 
-fn published(bootstrap: &str, output: &str, dlq: &str) -> Published {
+pub(crate) fn published(bootstrap: &str, output: &str, dlq: &str) -> Published {
     let mut reads = read_all(bootstrap, output);
     reads.sort_by_key(|r| r.offset);
     let mut packets: BTreeMap<i64, Vec<Packet>> = BTreeMap::new();
@@ -172,7 +172,7 @@ fn published(bootstrap: &str, output: &str, dlq: &str) -> Published {
 
 /// A packet without what legitimately differs between runs of different
 /// groups or at different times: the id and the emission time.
-fn content(p: &Packet) -> Value {
+pub(crate) fn content(p: &Packet) -> Value {
     let mut v = serde_json::to_value(p).unwrap();
     v.as_object_mut().unwrap().remove("packet_id");
     v.as_object_mut().unwrap().remove("emitted_at");
@@ -180,7 +180,7 @@ fn content(p: &Packet) -> Value {
 }
 
 /// Checks one run against the oracle; returns each window's content.
-fn check_run(name: &str, run: &Published, expected: &Expected) -> BTreeMap<i64, Value> {
+pub(crate) fn check_run(name: &str, run: &Published, expected: &Expected) -> BTreeMap<i64, Value> {
     let slices = default_slices();
     let starts: Vec<i64> = run.packets.keys().copied().collect();
     let want: Vec<i64> = expected.windows.keys().copied().collect();
@@ -266,7 +266,7 @@ fn check_run(name: &str, run: &Published, expected: &Expected) -> BTreeMap<i64, 
     out
 }
 
-fn wait_committed_on(bootstrap: &str, group: &str, topic: &str, ends: &[i64]) {
+pub(crate) fn wait_committed_on(bootstrap: &str, group: &str, topic: &str, ends: &[i64]) {
     let deadline = std::time::Instant::now() + DONE;
     loop {
         let now = committed_on(bootstrap, group, topic, PARTITIONS);
@@ -281,7 +281,7 @@ fn wait_committed_on(bootstrap: &str, group: &str, topic: &str, ends: &[i64]) {
     }
 }
 
-fn window_env(
+pub(crate) fn window_env(
     bootstrap: &str,
     group: &str,
     topic: &str,
@@ -310,13 +310,13 @@ fn window_env(
 /// only events whose window has a "packet published" line before it, in this
 /// process's log or an earlier run's of the same group (or that are late or
 /// invalid).
-struct CommitOrder {
+pub(crate) struct CommitOrder {
     window_of: HashMap<(i32, i64), i64>,
     published: BTreeSet<i64>,
 }
 
 impl CommitOrder {
-    fn new(expected: &Expected) -> CommitOrder {
+    pub(crate) fn new(expected: &Expected) -> CommitOrder {
         CommitOrder {
             window_of: expected
                 .windows
@@ -329,7 +329,7 @@ impl CommitOrder {
 
     /// Checks one process's log; `from` is what was committed when it
     /// started. Returns what it had committed at the end, and how many commits.
-    fn check(&mut self, name: &str, stderr: &str, from: &[i64]) -> (Vec<i64>, usize) {
+    pub(crate) fn check(&mut self, name: &str, stderr: &str, from: &[i64]) -> (Vec<i64>, usize) {
         let mut commits = 0;
         let mut done: Vec<i64> = from.iter().map(|o| (*o).max(0)).collect();
         for l in crate::common::order::logged(stderr) {
@@ -427,7 +427,7 @@ async fn the_same_input_gives_the_same_windows_whatever_the_fetch_size() {
 fn kill_9_with_windows_in_flight_gives_the_oracles_windows() {
     use login_metrics::core::packet::Identity;
     use login_metrics::core::privacy::Pseudonymizer;
-    use login_metrics::work::WindowId;
+    use login_metrics::work::{SourceRange, WindowId};
     use rdkafka::mocking::{MockCluster, MockCoordinator};
 
     let group = "k";
@@ -465,6 +465,10 @@ fn kill_9_with_windows_in_flight_gives_the_oracles_windows() {
         &[
             ("KAFKA__DELIVERY_TIMEOUT", "2s"),
             ("KAFKA__DELIVERY_ATTEMPTS", "100"),
+            // Each run is the same instance started again: under one name it
+            // takes its partitions back at once rather than sharing the
+            // group with its killed self until that session times out.
+            ("KAFKA__INSTANCE_NAME", group),
         ],
     );
 
@@ -526,25 +530,40 @@ fn kill_9_with_windows_in_flight_gives_the_oracles_windows() {
 
     let run = published(&bs, &out, &dlq);
     check_run(group, &run, &expected);
-    let s = settings(&bs, Path::new("unused"), &[]);
+    let s = settings(&bs, Path::new("unused"), &[("BATCH__MODE", "window")]);
     let identity = Identity::new(
         group,
         INPUT,
         &s.analysis.slices,
         s.analysis.top,
         &Pseudonymizer::disabled(),
-    );
+    )
+    .with_rules(&s.packet_rules());
     let mut copies = 0;
     for (start, packets) in &run.packets {
-        let mut partitions: Vec<i32> = expected.windows[start].iter().map(|(p, _)| *p).collect();
-        partitions.dedup();
+        // The window's own events' offset ranges, from the oracle.
+        let mut sources: Vec<SourceRange> = Vec::new();
+        for (p, o) in &expected.windows[start] {
+            match sources.iter_mut().find(|s| s.partition == *p) {
+                Some(s) => {
+                    s.first_offset = s.first_offset.min(*o);
+                    s.last_offset = s.last_offset.max(*o);
+                }
+                None => sources.push(SourceRange {
+                    topic: INPUT.into(),
+                    partition: *p,
+                    first_offset: *o,
+                    last_offset: *o,
+                }),
+            }
+        }
         let id = identity.window_packet_id(
             &WindowId {
                 start_ms: *start,
                 end_ms: start + SIZE_MS,
                 pane: 0,
             },
-            &partitions,
+            &sources,
         );
         for p in packets {
             assert_eq!(p.packet_id, id, "the id of window {start}");
@@ -742,7 +761,13 @@ async fn kill_9_at_random_points_gives_the_oracles_windows() {
     let msgs = input(55, 6_000);
     let expected = oracle(&msgs);
     produce_msgs(&b.bootstrap, INPUT, &msgs);
-    let env = window_env(&b.bootstrap, group, INPUT, &[]);
+    // One instance started again after each kill (see the test above).
+    let env = window_env(
+        &b.bootstrap,
+        group,
+        INPUT,
+        &[("KAFKA__INSTANCE_NAME", group)],
+    );
     let mut order = CommitOrder::new(&expected);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(20261203);
     for i in 0..5 {
@@ -773,7 +798,7 @@ async fn kill_9_at_random_points_gives_the_oracles_windows() {
 }
 
 /// Bounded runs on a preloaded topic whose record timestamps are one
-/// millisecond apart in production order. `run --until-end` exits 0 by
+/// millisecond apart in production order, each after its event's time. `run --until-end` exits 0 by
 /// itself with exactly the oracle's windows (the last ones closed by `end`),
 /// and each window a continuous run closes by watermark is the same packet
 /// content in both. `run --from --until` with a fresh group reads messages
@@ -791,7 +816,10 @@ async fn bounded_runs_end_by_themselves_with_the_oracles_windows() {
     }
     let dir = tempfile::tempdir().unwrap();
     let msgs = input(91, 2_000);
-    let t0: i64 = 1_700_000_000_000;
+    // Stamped as a producer would: after each event happened (the events
+    // are hours old), one millisecond apart in production order.
+    let t0: i64 = chrono::Utc::now().timestamp_millis();
+    assert!(msgs.iter().all(|m| m.ts_ms.is_none_or(|ts| ts < t0)));
     let stamps: Vec<i64> = (0..msgs.len() as i64).map(|i| t0 + i).collect();
     let inputs: Vec<Input> = msgs
         .iter()

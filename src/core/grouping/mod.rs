@@ -13,7 +13,7 @@ pub mod window;
 use std::time::Instant;
 
 use crate::core::event::{InvalidEvent, LoginEvent};
-use crate::work::{Batch, Checkpoint, CloseReason, Message, Work};
+use crate::work::{Batch, Checkpoint, CloseReason, CommitPoint, Message, Work};
 
 pub use window::Flow;
 
@@ -81,6 +81,13 @@ pub trait Grouping: Send {
 
     /// Partitions to pause or resume, to keep the memory bound.
     fn take_flows(&mut self) -> Vec<Flow>;
+
+    /// Consumption is held back by the service (delivery behind), or let
+    /// go: held time is not silence of the input.
+    fn hold(&mut self, held: bool, now: Instant);
+
+    /// These checkpoints are stored.
+    fn stored(&mut self, points: &[CommitPoint]);
 
     /// Partitions grouping holds paused now.
     fn paused(&self) -> Vec<i32>;
@@ -151,6 +158,10 @@ impl Grouping for Arrival {
         Vec::new()
     }
 
+    fn hold(&mut self, _: bool, _: Instant) {}
+
+    fn stored(&mut self, _: &[CommitPoint]) {}
+
     fn paused(&self) -> Vec<i32> {
         Vec::new()
     }
@@ -170,7 +181,16 @@ impl Grouping for window::Windower {
     }
 
     fn push_event(&mut self, m: &Message<'_>, event: &LoginEvent<'_>, now: Instant) {
-        window::Windower::push_event(self, m.partition, m.offset, m.key, m.payload, event, now);
+        window::Windower::push_record(
+            self,
+            m.partition,
+            m.offset,
+            m.key,
+            m.payload,
+            event,
+            m.timestamp_ms,
+            now,
+        );
     }
 
     fn push_invalid(&mut self, m: &Message<'_>, error: InvalidEvent, now: Instant) {
@@ -218,6 +238,14 @@ impl Grouping for window::Windower {
 
     fn take_flows(&mut self) -> Vec<Flow> {
         window::Windower::take_flows(self)
+    }
+
+    fn hold(&mut self, held: bool, now: Instant) {
+        window::Windower::hold(self, held, now)
+    }
+
+    fn stored(&mut self, points: &[CommitPoint]) {
+        window::Windower::stored(self, points)
     }
 
     fn paused(&self) -> Vec<i32> {

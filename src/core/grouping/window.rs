@@ -17,18 +17,33 @@
 //!   for `idle` (wall clock) stops holding it. Closed by watermark, a window
 //!   holds exactly the events that were on time for their own partition: the
 //!   same set whatever the interleaving.
-//! - **Wait** bounds how long a window stays open after its first event
-//!   arrived, so a quiet stream reports; an event for a window closed by wait
-//!   is late. **Count** bounds the valid events one window holds in memory:
-//!   reaching it emits the window so far as a pane and the window goes on in
-//!   the next pane.
+//! - **Wait** is for a stream that has gone quiet: when no partition has sent
+//!   anything for `max_wait`, every open window closes. Silence is measured
+//!   on the input, never as a window's age, and time in which the service
+//!   held consumption back (delivery behind, alignment) is not silence, so on
+//!   flowing traffic windows close by watermark and grace applies.
+//!   **Count** bounds the valid events one window holds in memory: reaching
+//!   it emits the window so far as a pane and the window goes on in the next
+//!   pane.
+//! - **Closures are positions.** A closure that a partition's own progress
+//!   does not imply (by wait, or by the watermark while the partition was
+//!   idle) makes that partition's later events for the closed windows late.
+//!   It is recorded as a [`Closure`] at the partition's position, kept in its
+//!   checkpoint, and stored *before* the packets it closes are delivered
+//!   ([`Work::record_first`]): a replay applies it at the same offset and
+//!   closes the same windows for the same reason, so an event is never
+//!   counted in one run and late in its replay, and a `packet_id` never
+//!   carries two contents. All of this state is per partition: a partition
+//!   that moves to another instance brings its own, and never changes how
+//!   the partitions already read there are judged.
 //! - **Offsets.** The offset to commit for a partition is the lowest one that
 //!   an open window still needs; every message below it is in an emitted
 //!   window, a dead letter, or counted late. With it goes a checkpoint (the
-//!   partition's progress *at that offset* and the watermark that closed
-//!   windows so far), stored before the commit ([`crate::commit::checkpoint`]), so that a restart
-//!   re-reads from the offset with exactly the progress the original run had
-//!   there and judges every event the same way.
+//!   partition's progress *at that offset*, what was closed and emitted for
+//!   it, and the closures decided after it), stored before the commit
+//!   ([`crate::commit::checkpoint`]), so that a restart re-reads from the
+//!   offset with exactly the state the original run had there and judges
+//!   every event the same way.
 //! - **Alignment.** When the open windows hold more than `max_buffered` valid
 //!   events, partitions that run ahead of the watermark are paused until the
 //!   slow ones catch up (the shell applies [`Flow`] changes to the consumer).
@@ -39,16 +54,16 @@
 //! tests drive wall-clock time by hand.
 
 use std::collections::btree_map::Entry;
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::core::event::{ErrorKind, InvalidEvent, LoginEvent};
 use crate::core::grouping::arrival::MAX_HELD_INVALID_BYTES;
-pub use crate::work::Checkpoint;
 use crate::work::{
     Batch, CloseReason, Columns, CommitPoint, InvalidMessage, SourceRange, WindowId, Work,
 };
+pub use crate::work::{Checkpoint, Closure};
 
 /// What happens to late events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,14 +110,32 @@ enum Mark {
 struct Part {
     partition: i32,
     progress: Option<i64>,
-    /// Restored from a checkpoint: windows ending at or before this were
-    /// emitted before the restart; their on-time events are already reported.
-    replayed_through: Option<i64>,
+    /// Windows ending at or before this were emitted with every event of
+    /// this partition read before their closure.
+    emitted: Option<i64>,
+    /// Closures at positions of this partition, by offset: those before
+    /// `pending` apply from here on; the others (restored from a checkpoint)
+    /// apply once the partition has read every message below their offset.
+    closures: Vec<Closure>,
+    pending: usize,
+    /// The greatest `through_ms` of closures dropped once a stored
+    /// checkpoint covered them.
+    floor: Option<i64>,
+    /// Windows ending at or before this are closed for this partition here.
+    closed: Option<i64>,
+    /// Why `closed` last moved: a replayed closure closes its windows for
+    /// the same reason as the original.
+    closed_reason: CloseReason,
     /// Restored from a checkpoint ahead of the committed offset: messages
     /// below it are already delivered and are skipped as replayed.
     resume_at: Option<i64>,
     /// The next offset to read; `None` until a message is read or a checkpoint restored.
     next_offset: Option<i64>,
+    /// Where reading starts when nothing was read: the restored checkpoint's
+    /// offset or the committed offset.
+    start: Option<i64>,
+    /// The committed offset found at assignment.
+    committed_at_assign: Option<i64>,
     last_message: Instant,
     idle: bool,
     paused: bool,
@@ -110,6 +143,11 @@ struct Part {
     marks: VecDeque<(i64, Mark)>,
     /// The last checkpoint handed out for commit, to skip unchanged ones.
     committed: Option<Checkpoint>,
+    /// The last checkpoint known to be stored (restored, or stored after a
+    /// delivery): what a record made before delivery builds on.
+    stored: Option<Checkpoint>,
+    /// Closures were decided by wall clock since the last work.
+    dirty: bool,
     /// The first offset this instance read or restored, for counting committed messages.
     base: Option<i64>,
 }
@@ -119,20 +157,113 @@ impl Part {
         Part {
             partition,
             progress: None,
-            replayed_through: None,
+            emitted: None,
+            closures: Vec::new(),
+            pending: 0,
+            floor: None,
+            closed: None,
+            closed_reason: CloseReason::Watermark,
             resume_at: None,
             next_offset: None,
+            start: None,
+            committed_at_assign: None,
             last_message: now,
             idle: false,
             paused: false,
             marks: VecDeque::new(),
             committed: None,
+            stored: None,
+            dirty: false,
             base: None,
         }
     }
 
     fn active(&self) -> bool {
         !self.idle
+    }
+
+    /// Where the partition stands: every message below it is read.
+    fn position(&self) -> Option<i64> {
+        self.next_offset.or(self.start)
+    }
+
+    /// Applies the restored closures whose offset is at or below `offset`;
+    /// whether `closed` moved.
+    fn apply_closures(&mut self, offset: i64) -> bool {
+        let mut moved = false;
+        while let Some(c) = self.closures.get(self.pending) {
+            if c.offset > offset {
+                break;
+            }
+            if self.closed.is_none_or(|x| c.through_ms > x) {
+                self.closed = Some(c.through_ms);
+                self.closed_reason = c.reason;
+                moved = true;
+            }
+            self.pending += 1;
+        }
+        moved
+    }
+
+    /// Records a closure decided here, now: it applies from the current
+    /// position on.
+    fn record(&mut self, through_ms: i64, reason: CloseReason) {
+        self.closed = Some(through_ms);
+        self.closed_reason = reason;
+        let Some(offset) = self.position() else {
+            return;
+        };
+        self.dirty = true;
+        // Closures decided at one position: only the widest matters.
+        if self.pending > 0 && self.closures[self.pending - 1].offset == offset {
+            let c = &mut self.closures[self.pending - 1];
+            if through_ms > c.through_ms {
+                c.through_ms = through_ms;
+                c.reason = reason;
+            }
+            return;
+        }
+        self.closures.insert(
+            self.pending,
+            Closure {
+                offset,
+                through_ms,
+                reason,
+            },
+        );
+        self.pending += 1;
+    }
+
+    /// The state at `offset` (at or below the position, with `progress_ms`
+    /// the progress there): the closures at or below it folded into
+    /// `closed_ms`, later ones kept unless the progress alone makes them moot.
+    fn checkpoint_at(&self, offset: i64, progress_ms: Option<i64>, grace_ms: i64) -> Checkpoint {
+        let mut closed = self.floor;
+        let mut closures = Vec::new();
+        let own = progress_ms.map(|p| p.saturating_sub(grace_ms));
+        for c in &self.closures {
+            if c.offset <= offset {
+                closed = closed.max(Some(c.through_ms));
+            } else if own.is_none_or(|o| c.through_ms > o) {
+                closures.push(*c);
+            }
+        }
+        Checkpoint {
+            offset,
+            progress_ms,
+            closed_ms: closed,
+            emitted_ms: self.emitted,
+            closures,
+            // The shell names what it committed since (see `Ledger`).
+            previous: self.committed_at_assign,
+        }
+    }
+
+    /// The least event time this partition may still add to a window: its
+    /// progress minus grace, or what closures closed for it, whichever is more.
+    fn bound(&self, grace_ms: i64) -> Option<i64> {
+        let own = self.progress.map(|p| p.saturating_sub(grace_ms));
+        own.max(self.closed)
     }
 }
 
@@ -184,9 +315,7 @@ pub struct Windower {
     /// Sorted by partition.
     parts: Vec<Part>,
     windows: BTreeMap<i64, OpenWindow>,
-    /// Windows above `closed_through` already closed (by wait).
-    closed_above: BTreeSet<i64>,
-    /// Every window ending at or before this is closed.
+    /// Every window ending at or before this was closed by this instance.
     closed_through: Option<i64>,
     watermark: Option<i64>,
     /// Valid events held in open panes.
@@ -199,6 +328,12 @@ pub struct Windower {
     loose: u64,
     /// When the oldest message not yet handed to delivery arrived outside a window.
     loose_since: Option<Instant>,
+    /// When the last message of any partition was read, or consumption was
+    /// last let go after the service held it: the input is silent from here.
+    last_input: Instant,
+    /// Consumption is held back by the service (delivery behind): no
+    /// silence is counted meanwhile.
+    held: bool,
     late_total: u64,
     replayed_total: u64,
     next_check: Option<Instant>,
@@ -213,6 +348,7 @@ impl Windower {
         let ms = |d: Duration| d.as_millis().min(i64::MAX as u128) as i64;
         let size_ms = ms(cfg.size).max(1);
         let hop_ms = ms(cfg.hop).clamp(1, size_ms);
+        let now = Instant::now();
         Windower {
             cfg,
             size_ms,
@@ -221,7 +357,6 @@ impl Windower {
             topic: Arc::from(topic),
             parts: Vec::new(),
             windows: BTreeMap::new(),
-            closed_above: BTreeSet::new(),
             closed_through: None,
             watermark: None,
             buffered: 0,
@@ -230,12 +365,14 @@ impl Windower {
             dead_letter_bytes: 0,
             loose: 0,
             loose_since: None,
+            last_input: now,
+            held: false,
             late_total: 0,
             replayed_total: 0,
             next_check: None,
             flows: Vec::new(),
             next_seq: 0,
-            now: Instant::now(),
+            now,
         }
     }
 
@@ -296,6 +433,10 @@ impl Windower {
     /// is behind the checkpoint (the process stopped between writing the
     /// checkpoint and committing), the messages in between are skipped and the
     /// checkpoint is committed again with the next work.
+    ///
+    /// The checkpoint's state is this partition's alone: closures another
+    /// instance decided for it apply to its messages, never to the other
+    /// partitions read here.
     pub fn assign(
         &mut self,
         partition: i32,
@@ -305,22 +446,36 @@ impl Windower {
     ) {
         let i = self.part_index(partition, now);
         let part = &mut self.parts[i];
+        part.committed_at_assign = committed;
+        part.start = committed;
         if let Some(c) = checkpoint {
             part.progress = c.progress_ms;
-            part.replayed_through = c.closed_through_ms;
+            part.emitted = c.emitted_ms;
+            part.floor = c.closed_ms;
+            part.closed = c.closed_ms;
+            part.closures = c
+                .closures
+                .iter()
+                .filter(|x| x.offset > c.offset)
+                .copied()
+                .collect();
+            part.closures.sort_by_key(|x| x.offset);
+            part.pending = 0;
+            part.apply_closures(c.offset);
             part.resume_at = Some(c.offset);
             part.next_offset = Some(c.offset);
+            part.start = Some(c.offset);
             part.base = Some(c.offset);
-            part.committed = Some(c);
+            part.committed = Some(c.clone());
+            part.stored = Some(c.clone());
             if committed.is_none_or(|o| o < c.offset) {
                 part.committed = None;
                 self.loose(now);
             }
-            if let Some(c) = c.closed_through_ms {
-                self.closed_through = Some(self.closed_through.map_or(c, |t| t.max(c)));
-            }
         }
+        self.last_input = now;
         self.refresh_watermark();
+        self.close_by_watermark();
         self.arm_at(now + self.cfg.idle);
     }
 
@@ -332,6 +487,46 @@ impl Windower {
         let seq = self.next_seq;
         *self = Windower::new(self.cfg, &self.topic);
         self.next_seq = seq;
+    }
+
+    /// Consumption is held back by the service itself (delivery is behind)
+    /// or let go again. Held time is not silence: when it is let go, the
+    /// input and every partition count as having just spoken.
+    pub fn hold(&mut self, held: bool, now: Instant) {
+        if held == self.held {
+            return;
+        }
+        self.held = held;
+        self.now = now;
+        if !held {
+            self.last_input = now;
+            for p in &mut self.parts {
+                p.last_message = now;
+            }
+            self.arm_at(now + self.cfg.max_wait.min(self.cfg.idle));
+        }
+    }
+
+    /// The checkpoints in `points` are stored: closures at or below their
+    /// offsets are in them and need not be kept here any more.
+    pub fn stored(&mut self, points: &[CommitPoint]) {
+        for point in points {
+            let Some(c) = &point.checkpoint else { continue };
+            let Ok(i) = self
+                .parts
+                .binary_search_by_key(&point.partition, |p| p.partition)
+            else {
+                continue;
+            };
+            let part = &mut self.parts[i];
+            let keep = part.closures.partition_point(|x| x.offset <= c.offset);
+            let keep = keep.min(part.pending);
+            for x in part.closures.drain(..keep) {
+                part.floor = part.floor.max(Some(x.through_ms));
+            }
+            part.pending -= keep;
+            part.stored = Some(c.clone());
+        }
     }
 
     /// A bounded run has read `partition` to the end of its range: nothing
@@ -360,11 +555,8 @@ impl Windower {
     /// the last one closed count as closed for whatever reads on.
     pub fn finish(&mut self, now: Instant) -> Option<Work> {
         self.now = now;
-        let starts: Vec<i64> = self.windows.keys().copied().collect();
-        for start in starts {
-            self.close_window(start, CloseReason::End);
-            let end = start + self.size_ms;
-            self.closed_through = Some(self.closed_through.map_or(end, |c| c.max(end)));
+        if let Some((&last, _)) = self.windows.last_key_value() {
+            self.close_through(last + self.size_ms, CloseReason::End);
         }
         if let Some(work) = self.take_work(now, true) {
             return Some(work);
@@ -383,11 +575,11 @@ impl Windower {
             dead_letters: Vec::new(),
             commit,
             messages,
+            record_first: Vec::new(),
         })
     }
 
     /// Adds a valid event read at `offset` of `partition`.
-    #[allow(clippy::too_many_arguments)]
     pub fn push_event(
         &mut self,
         partition: i32,
@@ -395,6 +587,26 @@ impl Windower {
         key: Option<&[u8]>,
         payload: &[u8],
         event: &LoginEvent<'_>,
+        now: Instant,
+    ) {
+        self.push_record(partition, offset, key, payload, event, None, now)
+    }
+
+    /// Adds a valid event read at `offset` of `partition` from a record
+    /// stamped `record_ms` (its Kafka timestamp). The event counts in the
+    /// windows of its own time; when it is ahead of its partition's progress
+    /// by more than grace, it moves the progress no further than the
+    /// record's timestamp: one event from a client whose clock is far ahead
+    /// cannot make the events after it late.
+    #[allow(clippy::too_many_arguments)]
+    pub fn push_record(
+        &mut self,
+        partition: i32,
+        offset: i64,
+        key: Option<&[u8]>,
+        payload: &[u8],
+        event: &LoginEvent<'_>,
+        record_ms: Option<i64>,
         now: Instant,
     ) {
         let i = self.part_index(partition, now);
@@ -417,6 +629,7 @@ impl Windower {
             return;
         };
         self.now = now;
+        self.arrive(i, offset);
         let prev = self.parts[i].progress;
         self.touch(i, offset, now);
 
@@ -451,8 +664,21 @@ impl Windower {
         }
 
         let part = &mut self.parts[i];
-        if prev.is_none_or(|p| ts > p) {
-            part.progress = Some(ts);
+        let moved = part.apply_closures(offset + 1);
+        // A jump ahead of the partition's progress by more than grace goes
+        // no further than the record's own timestamp: a clock far ahead is
+        // one event's error, while a partition that resumes after a pause
+        // is stamped as late as its events. Small steps move freely, so
+        // event time may run ahead of the records' (synthetic input
+        // produced at once) without holding the partition back.
+        let reach = match (prev, record_ms) {
+            (Some(p), Some(r)) if ts > p.saturating_add(self.grace_ms) => ts.min(r.max(p)),
+            _ => ts,
+        };
+        if prev.is_none_or(|p| reach > p) {
+            part.progress = Some(reach);
+        }
+        if moved || prev != self.parts[i].progress {
             self.refresh_watermark();
             self.close_by_watermark();
         }
@@ -477,6 +703,7 @@ impl Windower {
             return;
         }
         self.now = now;
+        self.arrive(i, offset);
         self.touch(i, offset, now);
         self.parts[i]
             .marks
@@ -492,19 +719,34 @@ impl Windower {
             reason: error.reason,
         });
         self.loose(now);
+        if self.parts[i].apply_closures(offset + 1) {
+            self.refresh_watermark();
+            self.close_by_watermark();
+        }
     }
 
-    /// Applies the wall-clock rules: windows open longer than `max_wait` close,
-    /// partitions silent for `idle` stop holding the watermark.
+    /// Applies the wall-clock rules, which look at the input, never at a
+    /// window's age: when no partition has sent anything for `max_wait`
+    /// (time the service held consumption back not counted) every open
+    /// window closes; a partition silent for `idle` while others speak stops
+    /// holding the watermark. Each such closure is recorded at every
+    /// partition's position, so a replay decides it at the same place.
     pub fn poll(&mut self, now: Instant) {
         if self.next_check.is_none_or(|t| now < t) {
             return;
         }
         self.now = now;
         self.next_check = None;
+        if self.held {
+            // Re-armed when consumption is let go.
+            return;
+        }
         let mut idle_changed = false;
         for part in &mut self.parts {
-            if !part.idle && !part.paused {
+            // A partition short of a recorded closure has messages still to
+            // read (the closure was decided after them): not idle.
+            let replaying = part.pending < part.closures.len();
+            if !part.idle && !part.paused && !replaying {
                 let silent_until = part.last_message + self.cfg.idle;
                 if now >= silent_until {
                     part.idle = true;
@@ -522,18 +764,29 @@ impl Windower {
             self.close_by_watermark();
             self.resume_holders();
         }
-        let expired: Vec<i64> = self
-            .windows
-            .iter()
-            .filter(|(_, w)| now >= w.opened_at + self.cfg.max_wait)
-            .map(|(s, _)| *s)
-            .collect();
-        for start in expired {
-            self.close_window(start, CloseReason::Wait);
-            self.closed_above.insert(start);
-        }
-        if let Some(first) = self.windows.values().map(|w| w.opened_at).min() {
-            self.arm_at(first + self.cfg.max_wait);
+        // A replay short of a recorded closure knows more messages exist:
+        // that is not silence.
+        let replaying = self.parts.iter().any(|p| p.pending < p.closures.len());
+        if !self.windows.is_empty() && !replaying {
+            let silent_until = self.last_input + self.cfg.max_wait;
+            if now < silent_until {
+                self.arm_at(silent_until);
+            } else if self.parts.iter().any(|p| p.paused) {
+                // Alignment holds partitions back on purpose, so the input
+                // is not silent yet; but the partitions it waits for have
+                // nothing to send. Let the held ones go: they either speak,
+                // or fall silent too and the windows close a wait later.
+                for p in self.parts.iter_mut().filter(|p| p.paused) {
+                    p.paused = false;
+                    p.last_message = now;
+                    self.flows.push(Flow::Resume(p.partition));
+                }
+                self.last_input = now;
+                self.arm_at(now + self.cfg.max_wait);
+            } else {
+                let last = *self.windows.last_key_value().expect("not empty").0;
+                self.close_through(last + self.size_ms, CloseReason::Wait);
+            }
         }
         if let Some(t) = self.loose_since {
             self.arm_at(t + self.cfg.max_wait);
@@ -565,6 +818,7 @@ impl Windower {
         if !due {
             return None;
         }
+        let record_first = self.records();
         let (commit, messages) = self.checkpoints();
         let batches = std::mem::take(&mut self.closed);
         self.loose = 0;
@@ -581,19 +835,19 @@ impl Windower {
             },
             commit,
             messages,
+            record_first,
         })
     }
 
     fn verdict(&self, i: usize, prev: Option<i64>, start: i64) -> Verdict {
         let end = start + self.size_ms;
+        let part = &self.parts[i];
         if prev.is_some_and(|p| end <= p - self.grace_ms) {
             Verdict::LateForPartition
-        } else if self.parts[i].replayed_through.is_some_and(|r| end <= r) {
-            Verdict::Replayed
-        } else if self.closed_through.is_some_and(|c| end <= c)
-            || self.closed_above.contains(&start)
-        {
+        } else if part.closed.is_some_and(|c| end <= c) {
             Verdict::LateClosed
+        } else if part.emitted.is_some_and(|e| end <= e) {
+            Verdict::Replayed
         } else {
             Verdict::OnTime
         }
@@ -613,7 +867,7 @@ impl Windower {
         let w = match self.windows.entry(start) {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(e) => {
-                let deadline = now + self.cfg.max_wait;
+                let deadline = self.last_input + self.cfg.max_wait;
                 self.next_check = Some(self.next_check.map_or(deadline, |t| t.min(deadline)));
                 e.insert(OpenWindow {
                     pane: 0,
@@ -677,13 +931,12 @@ impl Windower {
         self.loose(now);
     }
 
-    /// Records that a message was read from partition `i`; a silent partition
-    /// that speaks again holds the watermark again.
     /// A message below a restored checkpoint's offset: already delivered.
     fn skip_replayed(&mut self, i: usize, offset: i64, now: Instant) -> bool {
         let part = &mut self.parts[i];
         if part.resume_at.is_some_and(|r| offset < r) {
             part.last_message = now;
+            self.last_input = now;
             self.replayed_total += 1;
             true
         } else {
@@ -691,7 +944,19 @@ impl Windower {
         }
     }
 
+    /// Before the message at `offset` is judged: closures recorded at or
+    /// below it apply to it.
+    fn arrive(&mut self, i: usize, offset: i64) {
+        if self.parts[i].apply_closures(offset) {
+            self.refresh_watermark();
+            self.close_by_watermark();
+        }
+    }
+
+    /// Records that a message was read from partition `i`; a silent partition
+    /// that speaks again holds the watermark again.
     fn touch(&mut self, i: usize, offset: i64, now: Instant) {
+        self.last_input = now;
         let part = &mut self.parts[i];
         if part.next_offset.is_none() {
             part.base = Some(offset);
@@ -814,43 +1079,75 @@ impl Windower {
         });
     }
 
-    /// Recomputes the watermark: the least of `progress - grace` over active
-    /// partitions; none while an active partition has read nothing.
+    /// Recomputes the watermark: the least partition bound (progress minus
+    /// grace, or what closures closed for it) over active partitions; none
+    /// while an active partition has neither.
     fn refresh_watermark(&mut self) {
         let mut wm: Option<i64> = None;
         let mut any = false;
         for p in self.parts.iter().filter(|p| p.active()) {
             any = true;
-            match p.progress {
+            match p.bound(self.grace_ms) {
                 None => {
                     wm = None;
                     break;
                 }
-                Some(pr) => {
-                    let v = pr.saturating_sub(self.grace_ms);
-                    wm = Some(wm.map_or(v, |w| w.min(v)));
-                }
+                Some(v) => wm = Some(wm.map_or(v, |w| w.min(v))),
             }
         }
         self.watermark = if any { wm } else { None };
     }
 
+    /// Closes the windows the watermark has passed. Closed because every
+    /// active partition's progress passed them, they close by `watermark`;
+    /// when a partition only holds them no longer because a recorded closure
+    /// says so (a replay), they close for that closure's reason.
     fn close_by_watermark(&mut self) {
         let Some(wm) = self.watermark else {
+            self.resume_holders();
             return;
         };
-        if self.closed_through.is_some_and(|c| c >= wm) {
+        let through = wm.div_euclid(self.hop_ms) * self.hop_ms;
+        let first_open = self
+            .windows
+            .first_key_value()
+            .map(|(s, _)| s + self.size_ms);
+        let advances = self.closed_through.is_none_or(|c| through > c);
+        if !advances && first_open.is_none_or(|e| e > through) {
+            // Whoever holds the watermark now must not stay paused.
+            self.resume_holders();
             return;
         }
+        let own = |p: &Part| p.progress.map(|x| x.saturating_sub(self.grace_ms));
+        let reason = self
+            .parts
+            .iter()
+            .filter(|p| p.active() && own(p).is_none_or(|o| o < through))
+            .map(|p| p.closed_reason)
+            .next()
+            .unwrap_or(CloseReason::Watermark);
+        self.close_through(through, reason);
+    }
+
+    /// Closes every window ending at or before `through` for `reason`. For
+    /// each partition whose own progress does not already make those windows
+    /// late, the closure is recorded at its position (see [`Part::record`]).
+    fn close_through(&mut self, through: i64, reason: CloseReason) {
         while let Some((&start, _)) = self.windows.first_key_value() {
-            if start + self.size_ms > wm {
+            if start + self.size_ms > through {
                 break;
             }
-            self.close_window(start, CloseReason::Watermark);
+            self.close_window(start, reason);
         }
-        self.closed_through = Some(wm);
-        let size = self.size_ms;
-        self.closed_above.retain(|s| s + size > wm);
+        self.closed_through = self.closed_through.max(Some(through));
+        let grace = self.grace_ms;
+        for part in &mut self.parts {
+            part.emitted = part.emitted.max(Some(through));
+            let own = part.progress.map(|p| p.saturating_sub(grace));
+            if own.is_none_or(|o| o < through) && part.closed.is_none_or(|c| c < through) {
+                part.record(through, reason);
+            }
+        }
         self.resume_holders();
     }
 
@@ -880,6 +1177,7 @@ impl Windower {
                 self.flows.push(Flow::Pause(p.partition));
             }
         }
+        self.resume_holders();
     }
 
     /// Resumes paused partitions once memory is back under half the bound, or
@@ -887,6 +1185,7 @@ impl Windower {
     fn resume_holders(&mut self) {
         let low = self.buffered <= self.cfg.max_buffered / 2;
         let wm = self.watermark;
+        let mut resumed = false;
         for p in &mut self.parts {
             if !p.paused {
                 continue;
@@ -895,21 +1194,27 @@ impl Windower {
                 (Some(pr), Some(w)) => pr.saturating_sub(self.grace_ms) <= w,
                 _ => false,
             };
-            // With no watermark, a paused partition holds it only when no
-            // unpaused active partition is left to move it.
             if low || holds {
                 p.paused = false;
                 // Paused time is not silence.
                 p.last_message = self.now;
+                resumed = true;
                 self.flows.push(Flow::Resume(p.partition));
             }
         }
-        if wm.is_none() && !self.parts.iter().any(|p| p.active() && !p.paused) {
+        // Every partition still speaking is paused: the ones that held them
+        // back have gone quiet, and only the paused ones can move on.
+        if !self.parts.iter().any(|p| p.active() && !p.paused) {
             for p in self.parts.iter_mut().filter(|p| p.paused) {
                 p.paused = false;
                 p.last_message = self.now;
+                resumed = true;
                 self.flows.push(Flow::Resume(p.partition));
             }
+        }
+        if resumed {
+            self.last_input = self.now;
+            self.arm_at(self.now + self.cfg.idle.min(self.cfg.max_wait));
         }
     }
 
@@ -924,28 +1229,26 @@ impl Windower {
             let Some(next) = self.parts[i].next_offset else {
                 continue;
             };
-            let mut cp = Checkpoint {
-                offset: next,
-                progress_ms: self.parts[i].progress,
-                closed_through_ms: self.closed_through,
-            };
+            let (mut offset, mut progress) = (next, self.parts[i].progress);
             for w in self.windows.values() {
                 for n in &w.needs {
-                    if n.partition == partition && n.offset < cp.offset {
-                        cp.offset = n.offset;
-                        cp.progress_ms = n.progress;
+                    if n.partition == partition && n.offset < offset {
+                        offset = n.offset;
+                        progress = n.progress;
                     }
                 }
             }
+            let cp = self.parts[i].checkpoint_at(offset, progress, self.grace_ms);
             let part = &mut self.parts[i];
-            if part.committed != Some(cp) {
+            if part.committed.as_ref() != Some(&cp) {
                 let from = part
                     .committed
+                    .as_ref()
                     .map(|c| c.offset)
                     .or(part.base)
                     .unwrap_or(cp.offset);
                 messages += (cp.offset - from).max(0) as u64;
-                part.committed = Some(cp);
+                part.committed = Some(cp.clone());
                 out.push(CommitPoint {
                     topic: self.topic.clone(),
                     partition,
@@ -955,6 +1258,39 @@ impl Windower {
             }
         }
         (out, messages)
+    }
+
+    /// The records to store before the next work is delivered: for each
+    /// partition with closures decided by wall clock since the last work, its
+    /// last stored state (or the state it started from) with every closure
+    /// decided after it. Delivered or not, a replay from there decides the
+    /// same closures at the same positions.
+    fn records(&mut self) -> Vec<CommitPoint> {
+        let mut out = Vec::new();
+        for part in &mut self.parts {
+            if !std::mem::take(&mut part.dirty) {
+                continue;
+            }
+            let (offset, progress, emitted) = match &part.stored {
+                Some(s) => (s.offset, s.progress_ms, s.emitted_ms),
+                None => match part.start.or(part.base) {
+                    Some(o) => (o, None, None),
+                    None => continue,
+                },
+            };
+            let mut cp = part.checkpoint_at(offset, progress, self.grace_ms);
+            cp.emitted_ms = emitted;
+            if let Some(s) = &part.stored {
+                cp.closed_ms = cp.closed_ms.max(s.closed_ms);
+            }
+            out.push(CommitPoint {
+                topic: self.topic.clone(),
+                partition: part.partition,
+                offset,
+                checkpoint: Some(cp),
+            });
+        }
+        out
     }
 
     /// Drops marks no open or future pane can contain.
@@ -1242,30 +1578,262 @@ mod tests {
         let b = f.batches();
         assert_eq!(b.len(), 1);
         assert_eq!(b[0].closed_by, CloseReason::Watermark);
-        // p1 speaks again: it holds the watermark again, and its event for the
-        // closed window is late.
+        // p1 speaks again: it holds the watermark again, no lower than what
+        // was closed while it was idle, and its event for the closed window
+        // is late.
         f.event(1, 3 * S, 31);
         assert_eq!(f.w.late_total(), 1);
-        assert_eq!(f.w.watermark(), Some(-2 * S));
+        assert_eq!(f.w.watermark(), Some(20 * S));
     }
 
     #[test]
-    fn wait_closes_a_window_after_max_wait_and_makes_its_stragglers_late() {
+    fn wait_closes_the_windows_once_the_input_is_silent_and_makes_stragglers_late() {
         let mut f = Feed::new(cfg(), &[0]);
         f.event(0, S, 0);
         assert_eq!(f.w.deadline(), Some(f.at(30)), "idle is checked first");
         f.tick(30);
+        // The input speaks again at 31: silence counts from there.
         f.event(0, 2 * S, 31);
-        f.tick(59);
-        assert!(f.batches().is_empty());
         f.tick(60);
+        f.tick(90);
+        assert!(f.batches().is_empty());
+        f.tick(91);
         let b = f.batches();
         assert_eq!(b.len(), 1);
         assert_eq!(b[0].closed_by, CloseReason::Wait);
         assert_eq!(b[0].valid(), 2);
-        f.event(0, 3 * S, 61);
+        f.event(0, 3 * S, 92);
         assert_eq!(f.w.late_total(), 1, "its window closed by wait");
         assert_eq!(f.w.open_windows(), 0);
+    }
+
+    #[test]
+    fn a_window_stays_open_past_max_wait_while_the_input_flows() {
+        let mut f = Feed::new(cfg(), &[0]);
+        // Events keep coming, each inside the grace of the first window's
+        // end: the window is older than max_wait (60s) long before the
+        // watermark passes it, and that alone never closes it.
+        for t in (0..200).step_by(5) {
+            f.event(0, S + (t as i64) * 10, t);
+            f.tick(t);
+        }
+        assert!(f.batches().is_empty(), "{:?}", f.batches());
+        assert_eq!(f.w.late_total(), 0);
+        f.event(0, 16 * S, 200);
+        let b = f.batches();
+        assert_eq!(b.len(), 1);
+        assert_eq!(b[0].closed_by, CloseReason::Watermark);
+        assert_eq!(b[0].valid(), 40);
+    }
+
+    #[test]
+    fn time_held_back_by_the_service_is_not_silence() {
+        let mut f = Feed::new(cfg(), &[0, 1]);
+        f.event(0, S, 0);
+        f.event(1, S, 0);
+        // Delivery falls behind at 10 and catches up at 500.
+        f.w.hold(true, f.at(10));
+        f.tick(100);
+        f.tick(499);
+        assert!(f.batches().is_empty());
+        assert_eq!(f.w.watermark(), Some(-4 * S), "no partition went idle");
+        f.w.hold(false, f.at(500));
+        f.tick(559);
+        assert!(f.batches().is_empty());
+        f.tick(560);
+        assert_eq!(f.batches().len(), 1);
+        assert_eq!(f.batches()[0].closed_by, CloseReason::Wait);
+    }
+
+    fn contents(f: &Feed) -> Vec<(WindowId, Vec<String>, CloseReason)> {
+        f.batches()
+            .iter()
+            .map(|b| (b.window.unwrap(), Feed::users(b), b.closed_by))
+            .collect()
+    }
+
+    /// The checkpoints a replay starts from: the last stored for each
+    /// partition, here the records made before the closures were delivered.
+    fn records(f: &Feed) -> BTreeMap<i32, Checkpoint> {
+        f.works
+            .iter()
+            .flat_map(|w| &w.record_first)
+            .map(|c| (c.partition, c.checkpoint.clone().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn a_closure_by_wait_is_decided_again_at_the_same_positions_in_a_replay() {
+        let mut a = Feed::new(cfg(), &[0, 1]);
+        a.event(0, S, 0);
+        a.event(1, 2 * S, 0);
+        a.tick(60);
+        a.event(0, 3 * S, 61); // late: its window closed by wait
+        assert_eq!(a.w.late_total(), 1);
+        let stored = records(&a);
+        assert_eq!(stored.len(), 2, "both partitions' closures recorded first");
+        assert_eq!(
+            stored[&0].closures,
+            vec![Closure {
+                offset: 1,
+                through_ms: 10 * S,
+                reason: CloseReason::Wait
+            }]
+        );
+        assert!(a.works[0].record_first.len() == 2 && a.works[0].batches.len() == 1);
+
+        // The process died before the packet was delivered, or after: a
+        // replay reads a backlog, in another order, with no silence at all.
+        let mut b = Feed::new(cfg(), &[]);
+        for (p, c) in &stored {
+            b.w.assign(*p, Some(c.clone()), Some(c.offset), b.t0);
+        }
+        b.event(0, S, 0);
+        b.event(0, 3 * S, 0);
+        b.event(1, 2 * S, 0);
+        assert_eq!(contents(&a), contents(&b));
+        assert_eq!(b.w.late_total(), 1);
+    }
+
+    #[test]
+    fn a_closure_while_a_partition_was_idle_is_decided_again_in_a_replay() {
+        let mut a = Feed::new(cfg(), &[0, 1]);
+        a.event(1, S, 0);
+        a.event(0, 2 * S, 0);
+        a.event(0, 30 * S, 10);
+        a.tick(30); // p1 idle: [0,10) closes without it
+        a.event(1, 3 * S, 31); // late for p1
+        assert_eq!(a.w.late_total(), 1);
+        let stored = records(&a);
+        assert_eq!(stored.keys().copied().collect::<Vec<_>>(), vec![1]);
+
+        let mut b = Feed::new(cfg(), &[]);
+        b.w.assign(0, None, Some(0), b.t0);
+        b.w.assign(1, Some(stored[&1].clone()), Some(0), b.t0);
+        b.event(1, S, 0);
+        b.event(1, 3 * S, 0);
+        b.event(0, 2 * S, 0);
+        b.event(0, 30 * S, 0);
+        assert_eq!(contents(&a), contents(&b));
+        assert_eq!(b.w.late_total(), 1);
+
+        // Restarted after the commit, the idle partition's late event is
+        // late again: dead-lettered, never taken for replayed.
+        let last = a.works.last().unwrap();
+        let p1 = last.commit.iter().find(|c| c.partition == 1).unwrap();
+        let mut c = Feed::new(cfg(), &[]);
+        let cp = p1.checkpoint.clone().unwrap();
+        assert_eq!(cp.offset, 1);
+        c.w.assign(1, Some(cp), Some(1), c.t0);
+        c.next.insert(1, 1);
+        c.event(1, 3 * S, 0);
+        assert_eq!((c.w.late_total(), c.w.replayed_total()), (1, 0));
+    }
+
+    #[test]
+    fn an_event_from_a_clock_far_ahead_makes_no_other_event_late() {
+        let mut f = Feed::new(cfg(), &[0]);
+        let record = |w: &mut Windower, o: i64, ts: i64, rec: i64, t: Instant| {
+            let user = format!("p0o{o}");
+            w.push_record(0, o, None, b"{}", &ev(&user, ts), Some(rec), t);
+        };
+        let t = f.t0;
+        record(&mut f.w, 0, 100 * S, 100 * S, t);
+        // Stamped 101s by its producer, claiming 50 minutes later.
+        record(&mut f.w, 1, 3100 * S, 101 * S, t);
+        record(&mut f.w, 2, 102 * S, 102 * S, t);
+        record(&mut f.w, 3, 120 * S, 120 * S, t);
+        f.collect(t);
+        assert_eq!(f.w.late_total(), 0);
+        let b = f.batches();
+        assert_eq!(b.len(), 1);
+        assert_eq!(Feed::users(b[0]), vec!["p0o0", "p0o2"]);
+        // Its own window waits for event time to get there.
+        assert_eq!(f.w.open_windows(), 2);
+    }
+
+    #[test]
+    fn event_time_running_ahead_of_its_records_in_small_steps_is_not_held_back() {
+        // Synthetic input produced at once: every record stamped 0, event
+        // time running from 100s on.
+        let mut c = cfg();
+        c.max_events = 10_000;
+        let mut f = Feed::new(c, &[0]);
+        for o in 0..3000 {
+            let user = format!("p0o{o}");
+            f.w.push_record(
+                0,
+                o,
+                None,
+                b"{}",
+                &ev(&user, 100 * S + o * 10),
+                Some(0),
+                f.t0,
+            );
+        }
+        f.collect(f.t0);
+        let closed: Vec<_> = f
+            .batches()
+            .iter()
+            .filter(|b| b.closed_by == CloseReason::Watermark)
+            .map(|b| b.window.unwrap().start_ms)
+            .collect();
+        assert_eq!(closed, vec![100 * S, 110 * S]);
+    }
+
+    #[test]
+    fn a_partition_that_has_sent_nothing_keeps_what_was_closed_without_it() {
+        // Partition 1 starts at offset 0 (its committed offset, or where an
+        // empty partition's reading starts) and sends nothing for a while.
+        let mut a = Feed::new(cfg(), &[]);
+        a.w.assign(0, None, Some(0), a.t0);
+        a.w.assign(1, None, Some(0), a.t0);
+        a.event(0, S, 0);
+        a.event(0, 30 * S, 10);
+        a.tick(30); // p1 idle: [0,10) closes without it
+        let stored = records(&a);
+        assert_eq!(
+            (stored[&1].offset, stored[&1].closed_ms),
+            (0, Some(20 * S)),
+            "closed for it from where it starts"
+        );
+        a.event(1, 5 * S, 31);
+        assert_eq!(a.w.late_total(), 1);
+        // A replay from what was stored judges its first event the same.
+        let mut b = Feed::new(cfg(), &[]);
+        b.w.assign(0, None, Some(0), b.t0);
+        b.w.assign(1, Some(stored[&1].clone()), Some(0), b.t0);
+        b.event(1, 5 * S, 0);
+        b.event(0, S, 0);
+        b.event(0, 30 * S, 0);
+        assert_eq!(b.w.late_total(), 1);
+        assert_eq!(contents(&a), contents(&b));
+    }
+
+    #[test]
+    fn a_partition_moved_here_keeps_its_own_lateness() {
+        // This instance's own partition is far ahead; the partition it is
+        // given is behind, with a checkpoint from the instance that read it.
+        let mut f = Feed::new(cfg(), &[0]);
+        for ts in [10, 50, 100] {
+            f.event(0, ts * S, 0);
+        }
+        let before = f.batches().len();
+        let cp = Checkpoint {
+            offset: 5,
+            progress_ms: Some(20 * S),
+            emitted_ms: Some(10 * S),
+            ..Checkpoint::default()
+        };
+        f.w.assign(1, Some(cp), Some(5), f.t0);
+        f.next.insert(1, 5);
+        f.event(1, 22 * S, 0); // on time for p1
+        f.event(1, 40 * S, 0);
+        assert_eq!(f.w.late_total(), 0);
+        let b = f.batches();
+        assert_eq!(b.len(), before + 1);
+        assert_eq!(Feed::users(b[before]), vec!["p1o5"]);
+        assert_eq!(b[before].window.unwrap().start_ms, 20 * S);
     }
 
     #[test]
@@ -1301,15 +1869,18 @@ mod tests {
         f.event(0, 16 * S, 0); // o3: closes [0,10)
         let work = f.works.last().unwrap();
         assert_eq!(work.batches.len(), 1);
-        let cp = work.commit[0].checkpoint.unwrap();
+        let cp = work.commit[0].checkpoint.clone().unwrap();
         assert_eq!(cp.offset, work.commit[0].offset);
-        // [10,20) still needs o1; the progress before o1 was 1s.
+        // [10,20) still needs o1; the progress before o1 was 1s. [0,10) was
+        // emitted; the partition's own progress closed it, so nothing more
+        // is closed for it than that.
         assert_eq!(
             cp,
             Checkpoint {
                 offset: 1,
                 progress_ms: Some(S),
-                closed_through_ms: Some(11 * S)
+                emitted_ms: Some(10 * S),
+                ..Checkpoint::default()
             }
         );
         assert_eq!(work.messages, 1);
@@ -1337,12 +1908,12 @@ mod tests {
         let first = &a.works[0];
         assert_eq!(first.batches.len(), 1);
         let c = &first.commit[0];
-        let cp = c.checkpoint.unwrap();
+        let cp = c.checkpoint.clone().unwrap();
         assert_eq!((c.offset, cp.offset, cp.progress_ms), (1, 1, Some(S)));
 
         // A restart reads from o1 with the progress the original had there.
         let mut b = Feed::new(cfg(), &[]);
-        b.w.assign(0, Some(cp), Some(cp.offset), b.t0);
+        b.w.assign(0, Some(cp.clone()), Some(cp.offset), b.t0);
         b.next.insert(0, 1);
         for ts in &seq[1..] {
             b.event(0, ts * S, 0);
@@ -1362,8 +1933,8 @@ mod tests {
     fn a_window_emitted_before_a_restart_is_not_emitted_again() {
         let cp = Checkpoint {
             offset: 0,
-            progress_ms: None,
-            closed_through_ms: Some(10 * S),
+            emitted_ms: Some(10 * S),
+            ..Checkpoint::default()
         };
         let mut f = Feed::new(cfg(), &[]);
         f.w.assign(0, Some(cp), Some(0), f.t0);
@@ -1397,6 +1968,29 @@ mod tests {
         }
         assert_eq!(f.w.take_flows(), vec![Flow::Resume(0)]);
         assert!(f.w.paused().is_empty());
+    }
+
+    #[test]
+    fn held_partitions_are_let_go_when_the_ones_awaited_have_nothing_to_send() {
+        let mut c = cfg();
+        c.max_buffered = 4;
+        c.idle = Duration::from_secs(3600);
+        let mut f = Feed::new(c, &[0, 1]);
+        for ts in [1, 11, 21, 31, 41] {
+            f.event(0, ts * S, 0);
+        }
+        assert_eq!(f.w.take_flows(), vec![Flow::Pause(0)]);
+        // Partition 1 never speaks: holding partition 0 back is not
+        // silence, but after max_wait of it partition 0 goes on.
+        f.tick(59);
+        assert!(f.w.take_flows().is_empty());
+        f.tick(60);
+        assert_eq!(f.w.take_flows(), vec![Flow::Resume(0)]);
+        assert!(f.batches().is_empty());
+        // Nothing comes from it either: the windows close a wait later.
+        f.tick(120);
+        assert_eq!(f.batches().len(), 5);
+        assert!(f.batches().iter().all(|b| b.closed_by == CloseReason::Wait));
     }
 
     #[test]
@@ -1438,10 +2032,12 @@ mod tests {
         let cp = Checkpoint {
             offset: 3,
             progress_ms: Some(12 * S),
-            closed_through_ms: Some(10 * S),
+            emitted_ms: Some(10 * S),
+            previous: Some(1),
+            ..Checkpoint::default()
         };
         let mut f = Feed::new(cfg(), &[]);
-        f.w.assign(0, Some(cp), Some(1), f.t0);
+        f.w.assign(0, Some(cp.clone()), Some(1), f.t0);
         f.next.insert(0, 1);
         f.event(0, 12 * S, 0); // o1: already in a delivered window
         f.invalid(0, 0); // o2: already dead-lettered
@@ -1452,7 +2048,7 @@ mod tests {
             .is_some_and(|w| w.dead_letters.is_empty()
                 && w.commit
                     .iter()
-                    .any(|c| c.offset == 3 && c.checkpoint == Some(cp))));
+                    .any(|c| c.offset == 3 && c.checkpoint.as_ref() == Some(&cp))));
         f.event(0, 14 * S, 0); // o3: judged with the checkpoint's progress
         f.event(0, 30 * S, 0);
         let users: Vec<_> = f.batches().iter().flat_map(|b| Feed::users(b)).collect();
