@@ -68,7 +68,10 @@ const RESERVED: [(&str, &[&str]); 2] = [
         "consumer",
         &["enable.auto.commit", "enable.auto.offset.store", "group.id"],
     ),
-    ("producer", &["enable.idempotence", "acks"]),
+    (
+        "producer",
+        &["enable.idempotence", "acks", "transactional.id"],
+    ),
 ];
 
 impl KafkaSettings {
@@ -409,6 +412,54 @@ pub fn producer(k: &KafkaSettings) -> ClientConfig {
     layered(k, &defaults, &k.producer, &fixed)
 }
 
+/// The transactional producer of `delivery.guarantee = "exactly_once"`:
+/// the producer's properties and `transactional.id` = `id`
+/// ([`transactional_id`]). librdkafka refuses a `message.timeout.ms` above
+/// `transaction.timeout.ms`; the configuration check says so first.
+pub fn transactional_producer(k: &KafkaSettings, id: &str) -> ClientConfig {
+    let mut c = producer(k);
+    c.set("transactional.id", id);
+    c
+}
+
+/// librdkafka's `transaction.timeout.ms` when the configuration does not set it.
+pub const TRANSACTION_TIMEOUT_DEFAULT: Duration = Duration::from_secs(60);
+
+/// The producer's `transaction.timeout.ms` as configured (`kafka.client` or
+/// `kafka.producer`), or librdkafka's default: how long an open transaction
+/// may last before the brokers abort it, and so how long a transaction a
+/// vanished instance left open holds back `read_committed` readers.
+pub fn transaction_timeout(k: &KafkaSettings) -> Duration {
+    producer(k)
+        .get("transaction.timeout.ms")
+        .and_then(|v| v.trim().parse().ok())
+        .map(Duration::from_millis)
+        .unwrap_or(TRANSACTION_TIMEOUT_DEFAULT)
+}
+
+/// The `transactional.id` of an instance: the group and the instance's name
+/// (`kafka.instance_name`, derived by `run` when empty), so that a restarted
+/// instance takes its predecessor's id, which fences the predecessor and
+/// aborts the transaction it left open, and two instances never share one.
+/// Without a name (the metrics log disabled too) the id is new at each
+/// start: a transaction left open by a killed process then holds back
+/// `read_committed` readers until the brokers abort it, after
+/// `transaction.timeout.ms`. The second value says whether the id is stable.
+pub fn transactional_id(k: &KafkaSettings) -> (String, bool) {
+    if !k.instance_name.is_empty() {
+        return (format!("{}.{}", k.group_id, k.instance_name), true);
+    }
+    let seed = format!(
+        "{}-{}-{:?}",
+        host_name(),
+        std::process::id(),
+        std::time::SystemTime::now()
+    );
+    let digest = Sha256::digest(seed.as_bytes());
+    let suffix: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
+    (format!("{}.{suffix}", k.group_id), false)
+}
+
 /// The admin client (topic checks and creation): the producer's properties,
 /// as it talks to the same brokers for the same service.
 pub fn admin(k: &KafkaSettings) -> ClientConfig {
@@ -429,8 +480,11 @@ pub fn checkpoint_writer(k: &KafkaSettings) -> ClientConfig {
 /// subscribed, so it joins no group and commits nothing.
 pub fn checkpoint_reader(k: &KafkaSettings) -> ClientConfig {
     let mut c = consumer(k);
+    // Exactly once, a commit's checkpoints are in its transaction: those of
+    // an aborted one must never be read, whatever kafka.consumer says.
     c.set("enable.partition.eof", "true")
         .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
         .set("client.id", "login-metrics-checkpoints");
     c.set_log_level(RDKafkaLogLevel::Error);
     c
@@ -493,6 +547,16 @@ const KAFKA_REPEAT: Duration = Duration::from_secs(60);
 /// kind of error is one WARN line a minute for the whole process, the rest
 /// DEBUG, and every report counts in [`KAFKA_ERRORS`].
 pub fn report_error(client: &'static str, error: &KafkaError, reason: &str) {
+    // The end of a partition, which a reader asked to be told of
+    // (`enable.partition.eof`), arrives here when it comes after the reader
+    // stopped polling (a checkpoint read that reached its end): no failure.
+    if matches!(
+        error.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::PartitionEOF)
+    ) {
+        tracing::debug!(client, error = %error, "kafka {client}: {reason}");
+        return;
+    }
     metrics::counter!(KAFKA_ERRORS, "client" => client).increment(1);
     if let Some(r) = refusal(error, reason) {
         REFUSED.lock().expect("refusal lock").get_or_insert(r);

@@ -19,16 +19,19 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{error, info, warn};
 
 use crate::commit::checkpoint::{self, CheckpointStore};
+use crate::commit::ledger::Transactions;
+use crate::commit::recovery;
 use crate::core::event::{ErrorKind, Requirements};
 use crate::core::grouping::arrival::Limits;
 use crate::core::grouping::window::{LatePolicy, WindowConfig, Windower};
 use crate::core::grouping::{Arrival, Grouping};
 use crate::core::packet::{Identity, Packet};
 use crate::core::privacy::Pseudonymizer;
-use crate::settings::{BatchMode, LateSetting, Settings};
+use crate::kafka;
+use crate::settings::{BatchMode, Guarantee, LateSetting, Settings};
 use crate::sink::delivery::{Ack, Delivery, PacketHook};
 use crate::sink::metrics_log::MetricsLog;
 use crate::sink::publisher::{self as sink, Publisher};
@@ -154,10 +157,33 @@ impl Pipeline {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<RunSummary> {
         let started = Instant::now();
         let s = self.settings.clone();
-        let publisher = Publisher::new(&s.kafka).context("cannot create the Kafka producer")?;
+        let exactly_once = s.delivery.guarantee == Guarantee::ExactlyOnce;
+        let transactional_id = exactly_once.then(|| {
+            let (id, stable) = kafka::transactional_id(&s.kafka);
+            if stable {
+                info!(transactional_id = %id, "exactly once: transactional producer");
+            } else {
+                warn!(transactional_id = %id, "exactly once without kafka.instance_name: the transactional.id is new at each start, so a transaction left open by a killed process holds back read_committed readers until transaction.timeout.ms instead of being aborted at the next start");
+            }
+            id
+        });
+        let publisher = match &transactional_id {
+            Some(id) => Publisher::transactional(&s.kafka, id),
+            None => Publisher::new(&s.kafka),
+        }
+        .context("cannot create the Kafka producer")?;
+        let publisher = Arc::new(publisher);
         let k = s.kafka.clone();
         tokio::task::spawn_blocking(move || sink::check_topics(&k, Duration::from_secs(10)))
             .await??;
+        if exactly_once {
+            // Fences a predecessor with this transactional.id and aborts
+            // what it left open, before anything is read.
+            let (p, stop) = (publisher.clone(), shutdown.clone());
+            tokio::task::spawn_blocking(move || p.init_transactions(&stop))
+                .await?
+                .map_err(|e| anyhow!(e))?;
+        }
         let metrics_log = match &s.metrics_log.path {
             Some(path) => Some(Arc::new(Mutex::new(
                 MetricsLog::open(path, s.metrics_log.max_bytes, s.metrics_log.keep)
@@ -171,15 +197,40 @@ impl Pipeline {
             Pseudonymizer::new(s.privacy.key.expose().as_bytes(), &s.privacy.pseudonymize)
         };
 
-        let checkpoints = match s.batch.mode {
-            BatchMode::Window => {
+        // Exactly once needs the checkpoint topic in arrival mode too: it
+        // holds the record of each transaction's packets.
+        let checkpoints = match (s.batch.mode, exactly_once) {
+            (BatchMode::Window, _) | (_, true) => {
                 checkpoint::ensure_topic(&s.kafka, &shutdown).await?;
                 Some(
                     CheckpointStore::new(&s.kafka)
                         .context("cannot create the checkpoint producer")?,
                 )
             }
-            BatchMode::Arrival => None,
+            (BatchMode::Arrival, false) => None,
+        };
+        let transaction_timeout = kafka::transaction_timeout(&s.kafka);
+        let logged_key = transactional_id
+            .as_deref()
+            .map(|id| checkpoint::logged_key(&s.kafka.group_id, id));
+        let checkpoints = match (&logged_key, &metrics_log, checkpoints) {
+            (Some(key), Some(log), Some(store)) => {
+                let (k, key, log) = (s.kafka.clone(), key.clone(), log.clone());
+                let stall = transaction_timeout + Duration::from_secs(10);
+                let (store, recovered) = tokio::task::spawn_blocking(move || {
+                    let mut log = log.lock().expect("metrics log lock");
+                    let r = recovery::recover(&k, &store, &key, &mut log, stall);
+                    (store, r)
+                })
+                .await?;
+                if let Err(e) = recovered {
+                    // The output topic has the packets; the log stays short of
+                    // them rather than the service not starting.
+                    error!(error = format!("{e:#}"), "the metrics log could not be recovered; it lacks the packets of the last transaction committed before the crash");
+                }
+                Some(store)
+            }
+            (_, _, store) => store,
         };
 
         // Capacity 1: the consumer fills the next work while delivery handles
@@ -203,6 +254,18 @@ impl Pipeline {
             self.progress.clone(),
             checkpoints,
         );
+        let (outcome_tx, outcome_rx) = mpsc::unbounded_channel();
+        let driver = match &logged_key {
+            Some(key) => driver.transactional(
+                Transactions {
+                    publisher: publisher.clone(),
+                    outcomes: outcome_tx,
+                    logged_key: key.clone(),
+                },
+                transaction_timeout,
+            ),
+            None => driver,
+        };
         let driver = match self.range {
             Some(r) => driver.bounded(self.read_range(r).await?),
             None => driver,
@@ -218,7 +281,7 @@ impl Pipeline {
         .with_rules(&s.packet_rules());
         let delivery = Delivery {
             settings: s.clone(),
-            publisher: Arc::new(publisher),
+            publisher,
             metrics_log,
             privacy,
             identity,
@@ -227,6 +290,7 @@ impl Pipeline {
             health: self.health.clone(),
             shutdown: shutdown.clone(),
             log_errors: LogLimit::new("metrics log errors", 5, Duration::from_secs(60)),
+            outcomes: exactly_once.then(|| tokio::sync::Mutex::new(outcome_rx)),
         };
         let publisher = delivery.publisher.clone();
         let delivery_task = tokio::spawn(delivery.run(work_rx, ack_tx));

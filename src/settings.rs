@@ -34,6 +34,7 @@ pub use crate::core::event::EventSettings;
 pub use crate::core::grouping::settings::{BatchMode, BatchSettings, LateSetting};
 pub use crate::core::privacy::PrivacySettings;
 pub use crate::kafka::{Compression, KafkaSettings, OffsetReset};
+pub use crate::sink::delivery::{DeliverySettings, Guarantee};
 pub use crate::sink::metrics_log::MetricsLogSettings;
 pub use crate::telemetry::{LogFormat, LogSettings, TelemetrySettings};
 use crate::values::Findings;
@@ -51,6 +52,7 @@ pub const ENV_PREFIX: &str = "LOGIN_METRICS";
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     pub kafka: KafkaSettings,
+    pub delivery: DeliverySettings,
     pub batch: BatchSettings,
     pub analysis: AnalysisSettings,
     pub events: EventSettings,
@@ -174,6 +176,18 @@ impl Settings {
                 "events.required",
                 "must include \"timestamp\" in window mode (batch.mode = \"window\"): an event without a time has no window",
             );
+        }
+        if self.delivery.guarantee == Guarantee::ExactlyOnce {
+            let txn = crate::kafka::transaction_timeout(&self.kafka);
+            if self.kafka.delivery_timeout > txn {
+                f.add(
+                    "kafka.delivery_timeout",
+                    format!(
+                        "must not exceed the producer's transaction.timeout.ms ({} ms) with delivery.guarantee = \"exactly_once\": a record may not outlive its transaction",
+                        txn.as_millis()
+                    ),
+                );
+            }
         }
         for (key, message) in f.0 {
             e.add(key, message);
@@ -623,6 +637,48 @@ mod tests {
             env(&[("LOGIN_METRICS__KAFKA__CONSUMER__GROUP_PROTOCOL", "classic")]),
         )
         .unwrap();
+    }
+
+    #[test]
+    fn exactly_once_bounds_the_delivery_timeout_by_the_transaction_timeout() {
+        let eo = ("LOGIN_METRICS__DELIVERY__GUARANTEE", "exactly_once");
+        let s = Settings::load_with_env(None, env(&[eo])).unwrap();
+        assert_eq!(s.delivery.guarantee, Guarantee::ExactlyOnce);
+        let long = ("LOGIN_METRICS__KAFKA__DELIVERY_TIMEOUT", "90s");
+        let err = Settings::load_with_env(None, env(&[eo, long])).unwrap_err();
+        assert!(err.to_string().contains("60000 ms"), "{err}");
+        assert_eq!(keys(err), vec!["kafka.delivery_timeout"]);
+        // At least once has no transaction to outlive; a longer transaction
+        // timeout makes room.
+        Settings::load_with_env(None, env(&[long])).unwrap();
+        Settings::load_with_env(
+            None,
+            env(&[
+                eo,
+                long,
+                (
+                    "LOGIN_METRICS__KAFKA__PRODUCER__TRANSACTION_TIMEOUT_MS",
+                    "120000",
+                ),
+            ]),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn the_transactional_id_and_an_unknown_guarantee_are_refused_naming_the_key() {
+        let err = Settings::load_with_env(
+            None,
+            env(&[("LOGIN_METRICS__KAFKA__PRODUCER__TRANSACTIONAL_ID", "x")]),
+        )
+        .unwrap_err();
+        assert_eq!(keys(err), vec!["kafka.producer.transactional.id"]);
+        let err = Settings::load_with_env(
+            None,
+            env(&[("LOGIN_METRICS__DELIVERY__GUARANTEE", "exactly-once")]),
+        )
+        .unwrap_err();
+        assert_eq!(keys(err), vec!["delivery.guarantee"]);
     }
 
     #[test]

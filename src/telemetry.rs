@@ -125,6 +125,8 @@ pub const CONSUMPTION_HELD: &str = "login_metrics_consumption_held";
 pub const KAFKA_ERRORS: &str = "login_metrics_kafka_errors_total";
 pub const REVOCATIONS_GIVEN_UP: &str = "login_metrics_revocations_given_up_total";
 pub const WATERMARK: &str = "login_metrics_watermark_seconds";
+pub const TRANSACTION_SECONDS: &str = "login_metrics_transaction_commit_seconds";
+pub const TRANSACTIONS_ABORTED: &str = "login_metrics_transactions_aborted_total";
 
 /// Counters of one run, shared with whoever watches it.
 #[derive(Debug, Default)]
@@ -333,6 +335,15 @@ fn describe() {
         Unit::Seconds,
         "Window mode: the watermark (every active partition's event time minus grace), epoch seconds."
     );
+    describe_histogram!(
+        TRANSACTION_SECONDS,
+        Unit::Seconds,
+        "Exactly once: time to add a transaction's checkpoints and offsets and commit it."
+    );
+    describe_counter!(
+        TRANSACTIONS_ABORTED,
+        "Exactly once: transactions aborted (a failure, or work given up at a revocation); their work is redone."
+    );
     describe_gauge!(BUILD_INFO, "Always 1; the version label names the build.");
 }
 
@@ -360,6 +371,7 @@ fn initialise() {
         EVENTS_LATE,
         EVENTS_REPLAYED,
         REVOCATIONS_GIVEN_UP,
+        TRANSACTIONS_ABORTED,
     ] {
         metrics::counter!(name).increment(0);
     }

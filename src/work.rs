@@ -240,6 +240,11 @@ pub struct Work {
     /// so that no packet of such a closure is published before a replay
     /// would decide it the same way.
     pub record_first: Vec<CommitPoint>,
+    /// The consumer's assignment the work was read under, counted from 0
+    /// and raised at each revocation: exactly once, a transaction never
+    /// holds work of two assignments, so work given up at a revocation is
+    /// aborted alone.
+    pub assignment: u64,
 }
 
 impl Work {
@@ -265,6 +270,7 @@ impl Work {
             commit,
             messages,
             record_first: Vec::new(),
+            assignment: 0,
         }
     }
 }
@@ -302,6 +308,24 @@ pub struct Checkpoint {
     /// a committed offset below it was set by someone else (an operator's
     /// reset), and is honoured.
     pub previous: Option<i64>,
+    /// The dead letters of the invalid and late messages below this offset
+    /// were handed out with the work this checkpoint commits: a replay
+    /// counts those messages again but does not send them again.
+    pub dead_letters_through: Option<i64>,
+    /// Windows open when the checkpoint was taken whose panes (split by
+    /// `batch.max_events`) went out with the work it commits: a replay
+    /// leaves the events in them out and numbers the next pane after them.
+    pub panes: Vec<PaneMark>,
+}
+
+/// A window that had emitted panes: the next pane's number, and the last
+/// offset of the partition's events in the panes emitted (none: the
+/// partition had no event in them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PaneMark {
+    pub start_ms: i64,
+    pub next_pane: u32,
+    pub through: Option<i64>,
 }
 
 /// Windows ending at or before `through_ms` closed once the partition had
@@ -313,14 +337,73 @@ pub struct Closure {
     pub reason: CloseReason,
 }
 
-/// What delivery reports back for each work, in order.
+/// Merges `later` into `into`: a later point for the same partition replaces
+/// the earlier one (it is further on, and its checkpoint is newer).
+pub fn merge_points(into: &mut Vec<CommitPoint>, later: Vec<CommitPoint>) {
+    for p in later {
+        match into
+            .iter_mut()
+            .find(|q| q.partition == p.partition && q.topic == p.topic)
+        {
+            Some(q) => *q = p,
+            None => into.push(p),
+        }
+    }
+}
+
+/// What delivery reports back, in order: at least once, one per work;
+/// exactly once, one per transaction, which holds one or more works.
 #[derive(Debug)]
 pub enum Ack {
-    /// Packets and dead letters acknowledged, packets in the metrics log.
+    /// At least once: packets and dead letters acknowledged, packets in the
+    /// metrics log. Exactly once: packets and dead letters sent in the open
+    /// transaction and acknowledged; the commit path adds the checkpoints
+    /// and offsets, commits it and answers with an [`Outcome`].
     Delivered {
         commit: Vec<CommitPoint>,
         messages: u64,
+        /// How many works this acknowledges.
+        works: usize,
+        /// Exactly once: where each packet of the transaction went, for the
+        /// record of what the metrics log must hold ([`Logged`]).
+        logged: Vec<Logged>,
     },
     /// The work could not be delivered; nothing more may be committed.
     Failed(String),
+}
+
+impl Ack {
+    /// The acknowledgement of one work delivered at least once.
+    pub fn delivered(commit: Vec<CommitPoint>, messages: u64) -> Ack {
+        Ack::Delivered {
+            commit,
+            messages,
+            works: 1,
+            logged: Vec::new(),
+        }
+    }
+}
+
+/// A packet in the output topic: its id and position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Logged {
+    pub packet_id: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// What became of a transaction delivery acknowledged (exactly once).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Committed with its offsets: its packets are visible; append them to
+    /// the metrics log and count them.
+    Committed,
+    /// Aborted for a reason that may pass (the broker, a timeout): nothing
+    /// of it is visible; send it again in a new transaction.
+    Aborted(String),
+    /// Aborted because its partitions were revoked: nothing of it is
+    /// visible, and whoever owns them now redoes it. Drop it.
+    Abandoned,
+    /// The commit path stopped; nothing more will be committed.
+    Stopped(String),
 }

@@ -50,7 +50,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::kafka::{self, KafkaContext};
 use crate::settings::KafkaSettings;
-use crate::work::{CloseReason, Closure};
+use crate::sink::publisher::OutRecord;
+use crate::work::{CloseReason, Closure, Logged, PaneMark};
 
 /// The record format's name, in every value.
 pub const FORMAT_1: &str = "login-metrics/checkpoint/1";
@@ -130,6 +131,18 @@ struct Stored {
     /// epochs.
     #[serde(default, skip_serializing_if = "is_zero")]
     epoch: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    dead_letters_through: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    panes: Vec<StoredPane>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredPane {
+    start_ms: i64,
+    next_pane: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    through: Option<i64>,
 }
 
 fn is_zero(e: &u64) -> bool {
@@ -168,6 +181,64 @@ pub fn epoch_key(group: &str, topic: &str, partition: i32, epoch: u64) -> String
     }
 }
 
+/// The format of an instance's record of its last committed packets.
+pub const LOGGED_FORMAT: &str = "login-metrics/logged/1";
+
+fn logged_prefix(group: &str) -> String {
+    format!("{group}/metrics-log/")
+}
+
+/// The key of the record, kept in the checkpoint topic, of the packets the
+/// last transaction of the instance with `transactional_id` committed: what
+/// its metrics log must end with (exactly once).
+pub fn logged_key(group: &str, transactional_id: &str) -> String {
+    format!("{}{transactional_id}", logged_prefix(group))
+}
+
+#[derive(Serialize, Deserialize)]
+struct LoggedRecord {
+    format: String,
+    packets: Vec<LoggedPacket>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct LoggedPacket {
+    packet_id: String,
+    partition: i32,
+    offset: i64,
+}
+
+/// The value of a record of committed packets.
+pub fn logged_value(packets: &[Logged]) -> String {
+    serde_json::to_string(&LoggedRecord {
+        format: LOGGED_FORMAT.to_string(),
+        packets: packets
+            .iter()
+            .map(|p| LoggedPacket {
+                packet_id: p.packet_id.clone(),
+                partition: p.partition,
+                offset: p.offset,
+            })
+            .collect(),
+    })
+    .expect("a record of packets serializes")
+}
+
+/// Parses a record of committed packets; `None` for anything else.
+pub fn parse_logged(value: &[u8]) -> Option<Vec<Logged>> {
+    let r: LoggedRecord = serde_json::from_slice(value).ok()?;
+    (r.format == LOGGED_FORMAT).then(|| {
+        r.packets
+            .into_iter()
+            .map(|p| Logged {
+                packet_id: p.packet_id,
+                partition: p.partition,
+                offset: p.offset,
+            })
+            .collect()
+    })
+}
+
 /// The record value (JSON).
 pub fn value(group: &str, topic: &str, partition: i32, c: &Checkpoint) -> String {
     value_at(group, topic, partition, 0, c)
@@ -196,6 +267,16 @@ pub fn value_at(group: &str, topic: &str, partition: i32, epoch: u64, c: &Checkp
             .collect(),
         previous: c.previous,
         epoch,
+        dead_letters_through: c.dead_letters_through,
+        panes: c
+            .panes
+            .iter()
+            .map(|m| StoredPane {
+                start_ms: m.start_ms,
+                next_pane: m.next_pane,
+                through: m.through,
+            })
+            .collect(),
     })
     .expect("a checkpoint serializes")
 }
@@ -226,6 +307,16 @@ pub fn parse_at(value: &[u8]) -> Option<(String, String, i32, u64, Checkpoint)> 
             emitted_ms: s.emitted_ms,
             closures,
             previous: s.previous,
+            dead_letters_through: s.dead_letters_through,
+            panes: s
+                .panes
+                .iter()
+                .map(|m| PaneMark {
+                    start_ms: m.start_ms,
+                    next_pane: m.next_pane,
+                    through: m.through,
+                })
+                .collect(),
         }
     } else if s.format == FORMAT_1 {
         // Format 1 knew only what was emitted: its windows' events re-read
@@ -351,6 +442,9 @@ struct View {
     next: HashMap<i32, i64>,
     /// When the last read that went to the end started (see `REREAD_AFTER`).
     synced: Option<Instant>,
+    /// Exactly once: each instance's record of the packets its last
+    /// transaction committed ([`logged_key`]), by key.
+    logged: HashMap<Vec<u8>, Vec<u8>>,
 }
 
 impl View {
@@ -386,6 +480,12 @@ impl View {
         record_key: Option<&[u8]>,
         payload: Option<&[u8]>,
     ) {
+        if let Some(k) = record_key.filter(|k| k.starts_with(logged_prefix(group).as_bytes())) {
+            match payload {
+                Some(v) => drop(self.logged.insert(k.to_vec(), v.to_vec())),
+                None => drop(self.logged.remove(k)),
+            }
+        }
         match payload {
             Some(v) => {
                 if let Some((g, t, p, e, c)) = parse_at(v) {
@@ -504,6 +604,51 @@ impl CheckpointStore {
             Some(e) => Err(format!("old checkpoint epochs not deleted: {e}")),
             None => Ok(()),
         }
+    }
+
+    /// The records of one checkpoint per `(partition, checkpoint)` of
+    /// `topic`, under this process's epochs, for a transaction to carry
+    /// (exactly once) instead of [`Self::write`].
+    pub fn records(&self, topic: &str, items: &[(i32, Checkpoint)]) -> Vec<OutRecord> {
+        let to: std::sync::Arc<str> = std::sync::Arc::from(self.topic.as_str());
+        items
+            .iter()
+            .map(|(partition, c)| {
+                let e = self.epoch(topic, *partition);
+                OutRecord {
+                    topic: to.clone(),
+                    key: Some(epoch_key(&self.group, topic, *partition, e).into_bytes()),
+                    payload: std::sync::Arc::from(
+                        value_at(&self.group, topic, *partition, e, c).into_bytes(),
+                    ),
+                    headers: Vec::new(),
+                    reducible: false,
+                }
+            })
+            .collect()
+    }
+
+    /// The record, under `key` ([`logged_key`]), of the packets a
+    /// transaction commits, for that transaction to carry.
+    pub fn logged_record(&self, key: &str, packets: &[Logged]) -> OutRecord {
+        OutRecord {
+            topic: std::sync::Arc::from(self.topic.as_str()),
+            key: Some(key.as_bytes().to_vec()),
+            payload: std::sync::Arc::from(logged_value(packets).into_bytes()),
+            headers: Vec::new(),
+            reducible: false,
+        }
+    }
+
+    /// Reads the checkpoint topic to its end ([`Self::read`]) and returns
+    /// the last committed record of packets under `key`, if any.
+    pub fn read_logged(&self, key: &str, stall: Duration) -> Result<Option<Vec<Logged>>, String> {
+        self.read("", &[], stall)?;
+        let view = self.view.lock().expect("checkpoint view lock");
+        Ok(view
+            .logged
+            .get(key.as_bytes())
+            .and_then(|v| parse_logged(v)))
     }
 
     /// The epoch this process writes `partition` of `topic` under.
@@ -677,7 +822,20 @@ impl CheckpointStore {
                 Some(Err(KafkaError::PartitionEOF(p))) => {
                     progressed = Instant::now();
                     if let Some(end) = ends.remove(&p) {
-                        view.reached(p, end);
+                        // The reader is read_committed: its end is the last
+                        // stable offset, below a transaction still open. The
+                        // next read goes on from there, not from `end`, so a
+                        // transaction committed later is read then.
+                        let at = reader
+                            .position()
+                            .ok()
+                            .and_then(|tpl| {
+                                tpl.find_partition(store, p)
+                                    .and_then(|e| e.offset().to_raw())
+                            })
+                            .filter(|&o| o >= 0)
+                            .map_or(end, |o| o.min(end));
+                        view.reached(p, at);
                     }
                 }
                 Some(Err(e)) => last_error = Some(e),
@@ -922,6 +1080,12 @@ mod tests {
                 reason: CloseReason::Wait,
             }],
             previous: Some(30),
+            dead_letters_through: Some(52),
+            panes: vec![PaneMark {
+                start_ms: 1_699_999_990_000,
+                next_pane: 2,
+                through: Some(50),
+            }],
         };
         let v = value("g", "user-login", 2, &c);
         assert_eq!(

@@ -26,9 +26,10 @@ use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, warn};
 
 use crate::commit::checkpoint::{Checkpoint, CheckpointStore};
+use crate::sink::publisher::{OutRecord, Publisher, TxnError};
 use crate::telemetry::{self, Progress};
 use crate::work::Ack;
-use crate::work::{Closure, CommitPoint};
+use crate::work::{Closure, CommitPoint, Logged, Outcome};
 
 /// The log target of commits; tests and docs filter on it, so it keeps the
 /// name it had before the commit path had a folder of its own.
@@ -120,15 +121,7 @@ pub fn committed<C: ConsumerContext>(
 /// Merges `later` into `into`: a later point for the same partition replaces
 /// the earlier one.
 fn merge(into: &mut Vec<CommitPoint>, later: Vec<CommitPoint>) {
-    for p in later {
-        match into
-            .iter_mut()
-            .find(|q| q.partition == p.partition && q.topic == p.topic)
-        {
-            Some(q) => *q = p,
-            None => into.push(p),
-        }
-    }
+    crate::work::merge_points(into, later)
 }
 
 /// Work handed to delivery and not yet settled, in order, and the offsets
@@ -154,6 +147,34 @@ pub struct Ledger {
     /// Points whose checkpoints were stored since [`Ledger::take_stored`].
     stored: Vec<CommitPoint>,
     carry: Carry,
+    /// Exactly once: the transaction each acknowledgement stands for.
+    transactions: Option<Transactions>,
+    /// Exactly once: an acknowledged transaction waiting for its commit.
+    awaiting: Option<Awaiting>,
+}
+
+/// Exactly once (`delivery.guarantee = "exactly_once"`): delivery sends a
+/// work's packets and dead letters in an open transaction and acknowledges
+/// it; the ledger adds the work's checkpoints and the record of its packets
+/// ([`CheckpointStore::logged_record`]) to the same transaction, adds the
+/// input offsets under the consumer's group generation, commits, and tells
+/// delivery the [`Outcome`]. The ledger commits on the consumer thread
+/// because the consumer is there: its group metadata, and revocations,
+/// which run inside `poll` on this thread and so never in the middle of a
+/// commit.
+pub struct Transactions {
+    pub publisher: Arc<Publisher>,
+    pub outcomes: tokio::sync::mpsc::UnboundedSender<Outcome>,
+    /// The key of this instance's record of its last committed packets.
+    pub logged_key: String,
+}
+
+/// An acknowledged transaction, as the ledger takes it.
+struct Awaiting {
+    commit: Vec<CommitPoint>,
+    messages: u64,
+    works: usize,
+    logged: Vec<Logged>,
 }
 
 /// How long [`Ledger::settle`] waits for work in flight.
@@ -188,7 +209,19 @@ impl Ledger {
             committed: Vec::new(),
             stored: Vec::new(),
             carry: Carry::default(),
+            transactions: None,
+            awaiting: None,
         }
+    }
+
+    /// Makes every commit a transaction's (exactly once); see [`Transactions`].
+    pub fn set_transactions(&mut self, t: Transactions) {
+        self.transactions = Some(t);
+    }
+
+    /// Whether commits are transactions (exactly once).
+    pub fn transactional(&self) -> bool {
+        self.transactions.is_some()
     }
 
     /// Window mode's checkpoint store.
@@ -299,6 +332,21 @@ impl Ledger {
         flowing: bool,
     ) {
         let waiting = !matches!(wait, Wait::No);
+        if self.transactions.is_some() {
+            // Each acknowledgement is a transaction, committed as it comes:
+            // delivery waits for its outcome before it sends anything more.
+            loop {
+                self.take_acks(wait);
+                match self.awaiting.take() {
+                    Some(a) => self.commit_transaction(consumer, a),
+                    None => break,
+                }
+                if self.failure.is_some() {
+                    break;
+                }
+            }
+            return;
+        }
         self.take_acks(wait);
         // Work delivered before a failure is still committed: acks arrive in order.
         let now = Instant::now();
@@ -307,21 +355,8 @@ impl Ledger {
         }
         self.next_commit = Some(now + COMMIT_INTERVAL);
         if self.store_and_commit(consumer) {
-            // The lag of a partition committed to its end is 0 now, not at
-            // the next statistics (or never, after the last commit of a run).
-            for p in &self.pending {
-                if let Some(high) =
-                    crate::kafka::cached_high_watermark(consumer.client(), &p.topic, p.partition)
-                {
-                    self.progress
-                        .set_lag(&p.topic, p.partition, high - p.offset);
-                }
-            }
-            self.progress
-                .committed_messages
-                .fetch_add(self.pending_messages, Ordering::Relaxed);
-            metrics::counter!(telemetry::COMMITTED).increment(self.pending_messages);
-            self.pending.clear();
+            let pending = std::mem::take(&mut self.pending);
+            self.committed_now(consumer, &pending, self.pending_messages);
             self.pending_messages = 0;
             self.retry_at = None;
         } else {
@@ -381,23 +416,197 @@ impl Ledger {
                 }
             };
             if self.abandoned > 0 {
-                self.abandoned -= 1;
-                // Delivery stops after a failure: nothing later will be
-                // delivered, so the run must stop with the reason.
-                if let Ack::Failed(reason) = ack {
-                    self.fail(reason);
+                match ack {
+                    Ack::Delivered { works, .. } => {
+                        self.abandoned = self.abandoned.saturating_sub(works);
+                        // Its transaction holds the revoked partitions' work:
+                        // aborted, whoever owns them now redoes it.
+                        self.abort_abandoned();
+                    }
+                    // Delivery stops after a failure: nothing later will be
+                    // delivered, so the run must stop with the reason.
+                    Ack::Failed(reason) => {
+                        self.abandoned -= 1;
+                        self.fail(reason);
+                    }
                 }
                 continue;
             }
-            self.in_flight -= 1;
             match ack {
-                Ack::Delivered { commit, messages } => {
+                Ack::Delivered {
+                    commit,
+                    messages,
+                    works,
+                    logged,
+                } => {
+                    self.in_flight = self.in_flight.saturating_sub(works);
+                    if self.transactions.is_some() {
+                        self.awaiting = Some(Awaiting {
+                            commit,
+                            messages,
+                            works,
+                            logged,
+                        });
+                        break;
+                    }
                     merge(&mut self.pending, commit);
                     self.pending_messages += messages;
                 }
-                Ack::Failed(reason) => self.fail(reason),
+                Ack::Failed(reason) => {
+                    self.in_flight = self.in_flight.saturating_sub(1);
+                    self.fail(reason)
+                }
             }
         }
+    }
+
+    /// Exactly once: aborts the transaction of work given up at a
+    /// revocation, and tells delivery to drop it.
+    fn abort_abandoned(&mut self) {
+        let Some(t) = &self.transactions else { return };
+        match t.publisher.abort() {
+            Ok(()) => {
+                metrics::counter!(telemetry::TRANSACTIONS_ABORTED).increment(1);
+                warn!(target: LOG_TARGET, "the transaction of work given up at a revocation is aborted; whoever owns its partitions now redoes it");
+                let _ = t.outcomes.send(Outcome::Abandoned);
+            }
+            Err(e) => {
+                let reason =
+                    format!("cannot abort the transaction of work given up at a revocation: {e}");
+                let _ = t.outcomes.send(Outcome::Stopped(reason.clone()));
+                self.fail(reason);
+            }
+        }
+    }
+
+    /// Exactly once: adds the work's checkpoints, the record of its packets
+    /// and its offsets to the open transaction, commits it, and tells
+    /// delivery the outcome. An abortable failure aborts the transaction and
+    /// asks delivery to send the work again in a new one.
+    fn commit_transaction<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, a: Awaiting) {
+        let Awaiting {
+            mut commit,
+            messages,
+            works,
+            logged,
+        } = a;
+        self.carry.commits(&mut commit);
+        self.name_committed(&mut commit);
+        let Some(t) = self.transactions.take() else {
+            return;
+        };
+        self.transaction_of(consumer, &t, commit, messages, works, logged);
+        self.transactions = Some(t);
+    }
+
+    fn transaction_of<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        t: &Transactions,
+        commit: Vec<CommitPoint>,
+        messages: u64,
+        works: usize,
+        logged: Vec<Logged>,
+    ) {
+        let mut records: Vec<OutRecord> = Vec::new();
+        if let Some(store) = &self.checkpoints {
+            for (topic, items) in by_topic(&commit) {
+                records.extend(store.records(topic, &items));
+            }
+            if !logged.is_empty() {
+                records.push(store.logged_record(&t.logged_key, &logged));
+            }
+        }
+        let started = Instant::now();
+        let result = (|| -> Result<(), TxnError> {
+            if !records.is_empty() {
+                let sent =
+                    tokio::runtime::Handle::current().block_on(t.publisher.send_all(&records));
+                if let Some(Err(e)) = sent.into_iter().find(Result::is_err) {
+                    metrics::counter!(telemetry::CHECKPOINT_FAILURES).increment(1);
+                    return Err(TxnError::Abortable(format!(
+                        "checkpoint not delivered: {e}"
+                    )));
+                }
+            }
+            let tpl = partition_list(&commit)
+                .map_err(|e| TxnError::Abortable(format!("cannot build the offset list: {e}")))?;
+            t.publisher.commit(&tpl, consumer.group_metadata().as_ref())
+        })();
+        match result {
+            Ok(()) => {
+                metrics::counter!(telemetry::COMMITS).increment(1);
+                metrics::histogram!(telemetry::TRANSACTION_SECONDS)
+                    .record(started.elapsed().as_secs_f64());
+                if tracing::enabled!(target: LOG_TARGET, tracing::Level::DEBUG) {
+                    let list: Vec<String> = commit
+                        .iter()
+                        .map(|p| format!("{}:{}", p.partition, p.offset))
+                        .collect();
+                    debug!(target: LOG_TARGET, offsets = %list.join(","), packets = logged.len(), "transaction committed");
+                }
+                self.carry.written(&commit);
+                self.stored.extend(commit.iter().cloned());
+                self.committed_now(consumer, &commit, messages);
+                let _ = t.outcomes.send(Outcome::Committed);
+            }
+            Err(TxnError::Abortable(reason)) => {
+                metrics::counter!(telemetry::COMMIT_FAILURES).increment(1);
+                warn!(target: LOG_TARGET, error = %reason, "transaction not committed; aborting it, its work is sent again");
+                match t.publisher.abort() {
+                    Ok(()) => {
+                        metrics::counter!(telemetry::TRANSACTIONS_ABORTED).increment(1);
+                        self.in_flight += works;
+                        let _ = t.outcomes.send(Outcome::Aborted(reason));
+                    }
+                    Err(e) => {
+                        let reason =
+                            format!("cannot abort a transaction that failed ({reason}): {e}");
+                        let _ = t.outcomes.send(Outcome::Stopped(reason.clone()));
+                        self.fail(reason);
+                    }
+                }
+            }
+            Err(TxnError::Fatal(reason)) => {
+                let reason = format!("the transactional producer cannot go on: {reason}");
+                let _ = t.outcomes.send(Outcome::Stopped(reason.clone()));
+                self.fail(reason);
+            }
+        }
+    }
+
+    /// Notes offsets committed: this process's commits, the lag of each
+    /// partition committed, the committed messages.
+    fn committed_now<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        points: &[CommitPoint],
+        messages: u64,
+    ) {
+        for p in points {
+            match self
+                .committed
+                .iter_mut()
+                .find(|(t, q, _)| *q == p.partition && *t == p.topic)
+            {
+                Some(c) => c.2 = p.offset,
+                None => self
+                    .committed
+                    .push((p.topic.clone(), p.partition, p.offset)),
+            }
+            // The lag of a partition committed to its end is 0 now, not at
+            // the next statistics (or never, after the last commit of a run).
+            if let Some(high) =
+                crate::kafka::cached_high_watermark(consumer.client(), &p.topic, p.partition)
+            {
+                self.progress
+                    .set_lag(&p.topic, p.partition, high - p.offset);
+            }
+        }
+        self.progress
+            .committed_messages
+            .fetch_add(messages, Ordering::Relaxed);
+        metrics::counter!(telemetry::COMMITTED).increment(messages);
     }
 
     fn store_and_commit<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) -> bool {
@@ -416,22 +625,7 @@ impl Ledger {
             self.carry.written(&self.pending);
             self.stored.extend(self.pending.iter().cloned());
         }
-        if !commit(consumer, &self.pending, COMMIT_ATTEMPTS) {
-            return false;
-        }
-        for p in &self.pending {
-            match self
-                .committed
-                .iter_mut()
-                .find(|(t, q, _)| *q == p.partition && *t == p.topic)
-            {
-                Some(c) => c.2 = p.offset,
-                None => self
-                    .committed
-                    .push((p.topic.clone(), p.partition, p.offset)),
-            }
-        }
-        true
+        commit(consumer, &self.pending, COMMIT_ATTEMPTS)
     }
 }
 
@@ -571,10 +765,7 @@ mod tests {
     }
 
     fn delivered(points: Vec<CommitPoint>) -> Ack {
-        Ack::Delivered {
-            commit: points,
-            messages: 1,
-        }
+        Ack::delivered(points, 1)
     }
 
     #[test]

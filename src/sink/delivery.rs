@@ -41,11 +41,30 @@ use crate::settings::Settings;
 use crate::sink::metrics_log::MetricsLog;
 use crate::sink::publisher::{Limits, OutRecord, Publisher};
 use crate::telemetry::{self, Health, LogLimit, Progress};
-use crate::work::{Columns, CommitPoint, InvalidMessage, Work};
+use crate::work::{merge_points, Columns, CommitPoint, InvalidMessage, Logged, Outcome, Work};
 
 pub use crate::work::Ack;
 
 pub type PacketHook = Arc<dyn Fn(&Packet) + Send + Sync>;
+
+/// `[delivery]`: what the output promises its readers.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliverySettings {
+    pub guarantee: Guarantee,
+}
+
+/// How often a window's packet may appear in the output topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Guarantee {
+    /// Once or more: after a crash, work published and not yet committed is
+    /// published again (window mode: the same packet under the same id).
+    AtLeastOnce,
+    /// Once, for `read_committed` readers: packets, dead letters,
+    /// checkpoints and input offsets are committed in one Kafka transaction.
+    ExactlyOnce,
+}
 
 /// The delivery stage's state.
 pub struct Delivery {
@@ -60,6 +79,10 @@ pub struct Delivery {
     /// Cancelled at shutdown: bounds the metrics log retries.
     pub shutdown: CancellationToken,
     pub log_errors: LogLimit,
+    /// Exactly once: the outcome of each transaction acknowledged, from the
+    /// commit path ([`crate::commit::ledger::Transactions`]). `None`: at
+    /// least once.
+    pub outcomes: Option<tokio::sync::Mutex<mpsc::UnboundedReceiver<Outcome>>>,
 }
 
 /// The most valid events and dead letters delivery holds beyond the work
@@ -106,6 +129,8 @@ struct Built {
     dead_letters: Vec<InvalidMessage>,
     commit: Vec<CommitPoint>,
     messages: u64,
+    /// The consumer's assignment the work was read under.
+    assignment: u64,
 }
 
 /// The longest wait between two attempts to append to the metrics log.
@@ -125,7 +150,7 @@ impl Delivery {
                 }
             }
             let job = ahead.take();
-            let delivered = match self.handle(job, &mut works, &mut ahead).await {
+            let delivered = match self.handle(job, &mut works, &mut ahead, &acks).await {
                 Ok(delivered) => delivered,
                 Err(e) => {
                     let reason = format!("{e:#}");
@@ -226,10 +251,15 @@ impl Delivery {
         job: Vec<Work>,
         works: &mut mpsc::Receiver<Work>,
         ahead: &mut Ahead,
+        acks: &std_mpsc::Sender<Ack>,
     ) -> anyhow::Result<Vec<Ack>> {
         let held = job.iter().map(held_events).sum();
         let built = Self::taking_ahead(self.build(job), held, works, ahead).await?;
         // The batches' columns are freed once their packets are built.
+        if self.outcomes.is_some() {
+            Self::taking_ahead(self.publish_transactions(built, acks), 0, works, ahead).await?;
+            return Ok(Vec::new());
+        }
         Self::taking_ahead(self.publish(built), 0, works, ahead).await
     }
 
@@ -268,6 +298,7 @@ impl Delivery {
                     dead_letters,
                     commit,
                     messages,
+                    assignment,
                     ..
                 } = work;
                 let dead_letter_records: Vec<OutRecord> = match &dlq {
@@ -316,6 +347,7 @@ impl Delivery {
                     dead_letters,
                     commit,
                     messages,
+                    assignment,
                 });
             }
             anyhow::Ok((built, batches))
@@ -331,16 +363,17 @@ impl Delivery {
         Ok(built)
     }
 
-    /// Publishes the job's packets and dead letters, work by work in order,
-    /// waits for every acknowledgement, appends the packets to the metrics
-    /// log, then reports each work delivered.
-    async fn publish(&self, mut built: Vec<Built>) -> anyhow::Result<Vec<Ack>> {
+    /// The records of the works' packets and dead letters, in order, the
+    /// packets' lines for the metrics log, and which records are packets.
+    fn records(&self, built: &mut [Built]) -> (Vec<OutRecord>, Vec<String>, Vec<usize>) {
         let k = &self.settings.kafka;
         let output: Arc<str> = Arc::from(k.output_topic.as_str());
         let mut records = Vec::new();
         let mut lines = Vec::new();
-        for work in &mut built {
+        let mut packets = Vec::new();
+        for work in built {
             for (packet, json) in &work.packets {
+                packets.push(records.len());
                 records.push(OutRecord {
                     topic: output.clone(),
                     key: Some(packet.packet_id.clone().into_bytes()),
@@ -352,16 +385,29 @@ impl Delivery {
             }
             records.append(&mut work.dead_letter_records);
         }
+        (records, lines, packets)
+    }
+
+    /// Names a job's records in an error: its first packet, or its dead letters.
+    fn what(built: &[Built]) -> String {
+        let packets: usize = built.iter().map(|w| w.packets.len()).sum();
+        let dead_letters: usize = built.iter().map(|w| w.dead_letters.len()).sum();
+        match built.iter().flat_map(|w| &w.packets).next() {
+            Some((first, _)) if packets > 1 => {
+                format!("packet {} and {} more", first.packet_id, packets - 1)
+            }
+            Some((first, _)) => format!("packet {}", first.packet_id),
+            None => format!("{dead_letters} dead letters"),
+        }
+    }
+
+    /// Publishes the job's packets and dead letters, work by work in order,
+    /// waits for every acknowledgement, appends the packets to the metrics
+    /// log, then reports each work delivered.
+    async fn publish(&self, mut built: Vec<Built>) -> anyhow::Result<Vec<Ack>> {
+        let (records, lines, _) = self.records(&mut built);
         if !records.is_empty() {
-            let packets = lines.len();
-            let dead_letters: usize = built.iter().map(|w| w.dead_letters.len()).sum();
-            let what = match built.iter().flat_map(|w| &w.packets).next() {
-                Some((first, _)) if packets > 1 => {
-                    format!("packet {} and {} more", first.packet_id, packets - 1)
-                }
-                Some((first, _)) => format!("packet {}", first.packet_id),
-                None => format!("{dead_letters} dead letters"),
-            };
+            let what = Self::what(&built);
             self.publisher.deliver(&records).await.context(what)?;
         }
 
@@ -372,12 +418,148 @@ impl Delivery {
         let mut acks = Vec::with_capacity(built.len());
         for work in built {
             self.delivered(&work);
-            acks.push(Ack::Delivered {
-                commit: work.commit,
-                messages: work.messages,
-            });
+            acks.push(Ack::delivered(work.commit, work.messages));
         }
         Ok(acks)
+    }
+
+    /// Exactly once: publishes the job in transactions, one per run of
+    /// works read under one assignment, so that work given up at a
+    /// revocation is aborted without the work read after it.
+    async fn publish_transactions(
+        &self,
+        mut built: Vec<Built>,
+        acks: &std_mpsc::Sender<Ack>,
+    ) -> anyhow::Result<()> {
+        while !built.is_empty() {
+            let assignment = built[0].assignment;
+            let n = built
+                .iter()
+                .take_while(|b| b.assignment == assignment)
+                .count();
+            let rest = built.split_off(n);
+            self.transaction(built, acks).await?;
+            built = rest;
+        }
+        Ok(())
+    }
+
+    /// Exactly once: sends the works' packets and dead letters in a new
+    /// transaction and acknowledges it to the commit path, which adds the
+    /// checkpoints and offsets and commits it. Only a committed transaction's
+    /// packets go to the metrics log, the hooks and the counters. A
+    /// transaction that fails is aborted, never left open (it would hold
+    /// back every `read_committed` reader until the brokers time it out),
+    /// and sent again, up to `kafka.delivery_attempts` times.
+    async fn transaction(
+        &self,
+        mut built: Vec<Built>,
+        acks: &std_mpsc::Sender<Ack>,
+    ) -> anyhow::Result<()> {
+        let Some(outcomes) = &self.outcomes else {
+            anyhow::bail!("exactly once without a commit path");
+        };
+        let mut outcomes = outcomes.lock().await;
+        let what = Self::what(&built);
+        let (records, lines, packet_records) = self.records(&mut built);
+        let mut records = self.publisher.fitted(&records).await;
+        let mut commit = Vec::new();
+        for w in &built {
+            merge_points(&mut commit, w.commit.clone());
+        }
+        let messages: u64 = built.iter().map(|w| w.messages).sum();
+        let attempts = self.settings.kafka.delivery_attempts;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let publisher = self.publisher.clone();
+            tokio::task::spawn_blocking(move || publisher.begin())
+                .await?
+                .map_err(|e| anyhow::anyhow!("cannot begin a transaction: {e}"))?;
+            let started = Instant::now();
+            let sent = self.publisher.send_all(&records).await;
+            metrics::histogram!(telemetry::DELIVERY_SECONDS)
+                .record(started.elapsed().as_secs_f64());
+            let mut failure = None;
+            for (i, result) in sent.iter().enumerate() {
+                if let Err(e) = result {
+                    metrics::counter!(telemetry::DELIVERY_FAILURES).increment(1);
+                    if let Some(cut) = self.publisher.refit(&records[i], e).await {
+                        records[i] = cut;
+                    }
+                    failure.get_or_insert_with(|| e.to_string());
+                }
+            }
+            let reason = match failure {
+                Some(reason) => {
+                    self.abort().await.context(what.clone())?;
+                    format!("{reason} (the transaction is aborted)")
+                }
+                None => {
+                    let logged = packet_records
+                        .iter()
+                        .zip(&lines)
+                        .map(|(&i, _)| {
+                            let (partition, offset) =
+                                *sent[i].as_ref().expect("every record delivered");
+                            Logged {
+                                packet_id: String::from_utf8_lossy(
+                                    records[i].key.as_deref().unwrap_or_default(),
+                                )
+                                .into_owned(),
+                                partition,
+                                offset,
+                            }
+                        })
+                        .collect();
+                    let ack = Ack::Delivered {
+                        commit: commit.clone(),
+                        messages,
+                        works: built.len(),
+                        logged,
+                    };
+                    if acks.send(ack).is_err() {
+                        self.abort().await?;
+                        anyhow::bail!("the consumer stopped before the transaction was committed; it is aborted");
+                    }
+                    match outcomes.recv().await {
+                        Some(Outcome::Committed) => break,
+                        Some(Outcome::Abandoned) => return Ok(()),
+                        Some(Outcome::Aborted(reason)) => reason,
+                        Some(Outcome::Stopped(reason)) => anyhow::bail!(reason),
+                        None => {
+                            self.abort().await?;
+                            anyhow::bail!("the consumer stopped before the transaction was committed; it is aborted");
+                        }
+                    }
+                }
+            };
+            if attempt >= attempts {
+                return Err(anyhow::anyhow!(
+                    "transaction not committed after {attempt} attempts: {reason}"
+                ))
+                .context(what);
+            }
+            let wait = crate::sink::publisher::backoff(attempt);
+            warn!(attempt, of = attempts, error = %reason, "transaction not committed; sending its work again in a new one in {}", humantime::format_duration(wait));
+            tokio::time::sleep(wait).await;
+        }
+        drop(outcomes);
+        if let (Some(log), false) = (&self.metrics_log, lines.is_empty()) {
+            self.append_to_log(log, lines).await?;
+        }
+        for work in &built {
+            self.delivered(work);
+        }
+        Ok(())
+    }
+
+    /// Aborts the open transaction, on the blocking pool.
+    async fn abort(&self) -> anyhow::Result<()> {
+        let publisher = self.publisher.clone();
+        tokio::task::spawn_blocking(move || publisher.abort())
+            .await?
+            .map_err(|e| anyhow::anyhow!("cannot abort the transaction: {e}"))
     }
 
     /// Counts and logs a delivered work.

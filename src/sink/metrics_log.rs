@@ -207,6 +207,32 @@ impl MetricsLog {
         Ok(())
     }
 
+    /// The packet ids of the lines the log ends with, within its last
+    /// `bytes` bytes; when the file holds less, the newest rotated file's
+    /// too, so that lines written on both sides of a rotation are found.
+    /// Exactly once, recovery compares them with what the last transaction
+    /// committed.
+    pub fn last_packet_ids(&self, bytes: u64) -> io::Result<std::collections::HashSet<String>> {
+        let mut text = Vec::new();
+        if self.size < bytes {
+            let pending = pending_path(&self.path);
+            if pending.exists() {
+                File::open(&pending)?.read_to_end(&mut text)?;
+            } else if let Ok(f) = File::open(rotated_path(&self.path, 1)) {
+                flate2::read::GzDecoder::new(f).read_to_end(&mut text)?;
+            }
+        }
+        let mut f = File::open(&self.path)?;
+        let start = self.size.saturating_sub(bytes);
+        f.seek(SeekFrom::Start(start))?;
+        f.read_to_end(&mut text)?;
+        Ok(text
+            .split(|b| *b == b'\n')
+            .filter_map(|line| serde_json::from_slice::<serde_json::Value>(line).ok())
+            .filter_map(|v| v.get("packet_id")?.as_str().map(str::to_string))
+            .collect())
+    }
+
     #[cfg(test)]
     fn rotated(&self, n: usize) -> PathBuf {
         rotated_path(&self.path, n)

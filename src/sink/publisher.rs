@@ -359,8 +359,22 @@ pub struct Publisher {
 
 impl Publisher {
     pub fn new(k: &KafkaSettings) -> Result<Publisher, KafkaError> {
+        Self::with_config(k, crate::kafka::producer(k))
+    }
+
+    /// A transactional publisher (exactly once), with `transactional.id` =
+    /// `id`: [`Publisher::init_transactions`] first, then every record in a
+    /// transaction ([`Publisher::begin`], [`Publisher::commit`]).
+    pub fn transactional(k: &KafkaSettings, id: &str) -> Result<Publisher, KafkaError> {
+        Self::with_config(k, crate::kafka::transactional_producer(k, id))
+    }
+
+    fn with_config(
+        k: &KafkaSettings,
+        config: rdkafka::ClientConfig,
+    ) -> Result<Publisher, KafkaError> {
         Ok(Publisher {
-            producer: crate::kafka::producer(k).create_with_context(KafkaContext("producer"))?,
+            producer: config.create_with_context(KafkaContext("producer"))?,
             attempts: k.delivery_attempts,
             kafka: k.clone(),
             producer_max: producer_max(k),
@@ -587,10 +601,178 @@ impl Publisher {
         }
     }
 
+    /// Sends every record in the open transaction (exactly once) and waits
+    /// for each one's acknowledgement: each record's position, or its error.
+    /// Nothing is sent again here: a record that fails makes the transaction
+    /// abortable, and the caller aborts it and sends it all again.
+    pub async fn send_all(&self, records: &[OutRecord]) -> Vec<Result<(i32, i64), KafkaError>> {
+        let mut futures = Vec::with_capacity(records.len());
+        for r in records {
+            futures.push(self.enqueue(r).await);
+        }
+        let mut out = Vec::with_capacity(records.len());
+        for fut in futures {
+            out.push(match fut {
+                Ok(fut) => match fut.await {
+                    Ok(Ok(delivered)) => Ok((delivered.partition, delivered.offset)),
+                    Ok(Err((e, _))) => Err(e),
+                    Err(_) => Err(KafkaError::Canceled),
+                },
+                Err(e) => Err(e),
+            });
+        }
+        out
+    }
+
+    /// The records to send for `records` within the topics' limits: a dead
+    /// letter over its topic's limit reduced, as [`Publisher::deliver`] does.
+    pub async fn fitted(&self, records: &[OutRecord]) -> Vec<OutRecord> {
+        let limits = self.limits().await;
+        records
+            .iter()
+            .map(|r| {
+                let limit = self.limit_of(&limits, r);
+                if r.reducible && r.wire_size() > limit {
+                    warn!(
+                        topic = %r.topic,
+                        bytes = r.payload.len(),
+                        limit,
+                        "dead letter larger than its topic takes; sending it truncated"
+                    );
+                    r.reduced_to_fit(limit)
+                } else {
+                    r.clone()
+                }
+            })
+            .collect()
+    }
+
+    /// A record refused for its content (its size), reduced if it can be:
+    /// what a new transaction sends instead.
+    pub async fn refit(&self, r: &OutRecord, e: &KafkaError) -> Option<OutRecord> {
+        if !(r.reducible && permanent_for_its_content(e)) {
+            return None;
+        }
+        let limits = self.limits().await;
+        let cut = r.reduced_to_fit(self.limit_of(&limits, r));
+        warn!(topic = %r.topic, bytes = r.payload.len(), error = %e, "dead letter cannot be delivered whole; sending it truncated to {} bytes", cut.payload.len());
+        Some(cut)
+    }
+
+    /// Registers the producer's `transactional.id` with the brokers: fences
+    /// any earlier producer with the same id (a killed predecessor) and
+    /// aborts the transaction it left open. Blocking; retried until it
+    /// succeeds, a fatal error, or `shutdown`.
+    pub fn init_transactions(
+        &self,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> Result<(), String> {
+        let mut attempt = 0u32;
+        loop {
+            match self.producer.init_transactions(Duration::from_secs(30)) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    attempt += 1;
+                    if let KafkaError::Transaction(r) = &e {
+                        if r.is_fatal() {
+                            return Err(format!("cannot start transactions: {e}"));
+                        }
+                    }
+                    if shutdown.is_cancelled() {
+                        return Err(format!("cannot start transactions before shutdown: {e}"));
+                    }
+                    warn!(error = %e, attempt, "cannot start transactions yet (the brokers, or the transaction coordinator, are not reachable); trying again");
+                    std::thread::sleep(backoff(attempt));
+                }
+            }
+        }
+    }
+
+    /// Begins a transaction (a local step; the brokers learn of it with the
+    /// first record).
+    pub fn begin(&self) -> Result<(), TxnError> {
+        self.producer.begin_transaction().map_err(TxnError::of)
+    }
+
+    /// Aborts the open transaction: nothing sent in it becomes visible to
+    /// `read_committed` readers. Blocking.
+    pub fn abort(&self) -> Result<(), TxnError> {
+        self.producer
+            .abort_transaction(self.transaction_timeout())
+            .map_err(TxnError::of)
+    }
+
+    /// Adds `offsets` to the open transaction as the consumer group's
+    /// commit (under the group generation `group` names: a member that lost
+    /// its partitions is refused), then commits the transaction. Retriable
+    /// errors are retried; blocking.
+    pub fn commit(
+        &self,
+        offsets: &rdkafka::TopicPartitionList,
+        group: Option<&rdkafka::consumer::ConsumerGroupMetadata>,
+    ) -> Result<(), TxnError> {
+        let timeout = self.transaction_timeout();
+        if offsets.count() > 0 {
+            let Some(group) = group else {
+                return Err(TxnError::Abortable(
+                    "the consumer has no group metadata (not a member of the group)".into(),
+                ));
+            };
+            retried(|| {
+                self.producer
+                    .send_offsets_to_transaction(offsets, group, timeout)
+            })?;
+        }
+        retried(|| self.producer.commit_transaction(timeout))
+    }
+
+    /// How long one transactional call may block.
+    fn transaction_timeout(&self) -> Duration {
+        crate::kafka::transaction_timeout(&self.kafka)
+    }
+
     /// Waits for everything queued to be delivered (shutdown).
     pub fn flush(&self, timeout: Duration) {
         if let Err(e) = self.producer.flush(Timeout::After(timeout)) {
             warn!(error = %e, "producer flush did not complete");
+        }
+    }
+}
+
+/// Why a transaction could not be committed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TxnError {
+    /// The transaction must be aborted; a new one may succeed.
+    #[error("{0}")]
+    Abortable(String),
+    /// The producer cannot go on (fenced by a newer instance with its
+    /// transactional.id, say): the process must stop.
+    #[error("{0}")]
+    Fatal(String),
+}
+
+impl TxnError {
+    fn of(e: KafkaError) -> TxnError {
+        match &e {
+            KafkaError::Transaction(r) if r.is_fatal() => TxnError::Fatal(e.to_string()),
+            _ => TxnError::Abortable(e.to_string()),
+        }
+    }
+}
+
+/// Runs a transactional call again while it fails with a retriable error
+/// (a timeout, a coordinator moving), a few times.
+fn retried(mut call: impl FnMut() -> Result<(), KafkaError>) -> Result<(), TxnError> {
+    let mut attempt = 0u32;
+    loop {
+        match call() {
+            Ok(()) => return Ok(()),
+            Err(KafkaError::Transaction(r)) if r.is_retriable() && attempt < 5 => {
+                attempt += 1;
+                warn!(error = %r, attempt, "transactional call failed; retrying");
+                std::thread::sleep(backoff(attempt));
+            }
+            Err(e) => return Err(TxnError::of(e)),
         }
     }
 }
@@ -748,7 +930,7 @@ pub fn check_topics(k: &KafkaSettings, timeout: Duration) -> anyhow::Result<()> 
 }
 
 /// 1s, 2s, 4s, ... capped at 30s.
-fn backoff(attempt: u32) -> Duration {
+pub fn backoff(attempt: u32) -> Duration {
     Duration::from_secs(1u64 << attempt.saturating_sub(1).min(5)).min(Duration::from_secs(30))
 }
 

@@ -211,6 +211,13 @@ pub struct Driver {
     /// A partition with no committed offset starts at its end
     /// (`auto.offset.reset = latest`) rather than its beginning.
     start_at_end: bool,
+    /// The assignment work is read under, raised at each revocation
+    /// ([`Work::assignment`]).
+    assignment: u64,
+    /// How long reading the committed offsets and the checkpoints on
+    /// assignment may wait: exactly once, a transaction a vanished member
+    /// left open holds them back until the brokers abort it.
+    stable_wait: Duration,
 }
 
 /// The time bounds of the consumer thread.
@@ -253,7 +260,22 @@ impl Driver {
             gauges_at: Instant::now(),
             bound: None,
             start_at_end: false,
+            assignment: 0,
+            stable_wait: CHECKPOINT_TIMEOUT,
         }
+    }
+
+    /// Makes every commit a transaction (exactly once): see
+    /// [`offsets::Transactions`]. `transaction_timeout`: the producer's
+    /// `transaction.timeout.ms`.
+    pub fn transactional(
+        mut self,
+        t: offsets::Transactions,
+        transaction_timeout: Duration,
+    ) -> Driver {
+        self.ledger.set_transactions(t);
+        self.stable_wait = CHECKPOINT_TIMEOUT.max(transaction_timeout + CHECKPOINT_TIMEOUT);
+        self
     }
 
     /// Tells grouping which checkpoints are stored, before it makes any
@@ -462,7 +484,8 @@ impl Driver {
     /// Makes closed work ready for delivery. Closures decided by wall clock
     /// are stored first: once a packet they close may be published, a replay
     /// must decide them the same way.
-    fn push_ready(&mut self, work: Work) {
+    fn push_ready(&mut self, mut work: Work) {
+        work.assignment = self.assignment;
         if self.ledger.failure().is_some() {
             // Nothing more goes out after a failure; the next start
             // replays this work.
@@ -687,6 +710,7 @@ impl Driver {
             );
         }
         self.ledger.forget_uncommitted();
+        self.assignment += 1;
         self.held = false;
         metrics::gauge!(telemetry::CONSUMPTION_HELD).set(0.0);
         self.grouping.reset();
@@ -723,9 +747,9 @@ impl Driver {
             }
         }
         for (topic, partitions) in by_topic {
-            let committed = offsets::committed(consumer, &topic, &partitions, CHECKPOINT_TIMEOUT);
+            let committed = offsets::committed(consumer, &topic, &partitions, self.stable_wait);
             let stored = match self.ledger.checkpoints() {
-                Some(store) => store.read_latest(&topic, &partitions, CHECKPOINT_TIMEOUT),
+                Some(store) => store.read_latest(&topic, &partitions, self.stable_wait),
                 None => Err("window mode has no checkpoint store".to_string()),
             };
             let (committed, stored) = match (committed, stored) {

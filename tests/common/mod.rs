@@ -4,9 +4,10 @@
 //! ([`in_process`]), the real binary as a subprocess ([`service`]), the
 //! Apache Kafka broker ([`broker`]), HTTP ([`http`]), commit order from the
 //! service's own log ([`order`]), window mode's input, oracle and checks
-//! for the tests that run in both modes ([`windowed`]), the browser
-//! ([`browser`]) and the command line ([`cli`]). Each test binary uses some
-//! of them.
+//! for the tests that run in both modes ([`windowed`]), topics written in
+//! transactions read as committed or uncommitted ([`transactions`]), the
+//! browser ([`browser`]) and the command line ([`cli`]). Each test binary
+//! uses some of them.
 #![allow(dead_code, unused_imports)]
 
 pub mod broker;
@@ -19,6 +20,7 @@ pub mod order;
 pub mod output;
 pub mod reference;
 pub mod service;
+pub mod transactions;
 pub mod windowed;
 
 pub use http::*;

@@ -6,5 +6,6 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod exactly_once;
 mod faults;
 mod pipeline;

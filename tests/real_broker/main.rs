@@ -2,14 +2,16 @@
 //! tests from the jars `scripts/install-kafka` fetches: end to end, kill -9,
 //! SIGTERM, several instances, rebalances, restarts under static group
 //! membership, windows, the checkpoint topic, packets and dead letters
-//! larger than their topics take, a secured listener, and scaling down in
-//! window mode.
+//! larger than their topics take, a secured listener, scaling down in
+//! window mode, and exactly once (transactions) under kill -9 and against a
+//! resumed zombie.
 
 #[path = "../common/mod.rs"]
 mod common;
 
 mod checkpoints;
 mod end_to_end;
+mod exactly_once;
 mod live;
 mod oversize;
 mod restart;

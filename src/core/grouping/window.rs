@@ -63,7 +63,7 @@ use crate::core::grouping::arrival::MAX_HELD_INVALID_BYTES;
 use crate::work::{
     Batch, CloseReason, Columns, CommitPoint, InvalidMessage, SourceRange, WindowId, Work,
 };
-pub use crate::work::{Checkpoint, Closure};
+pub use crate::work::{Checkpoint, Closure, PaneMark};
 
 /// What happens to late events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,6 +150,11 @@ struct Part {
     dirty: bool,
     /// The first offset this instance read or restored, for counting committed messages.
     base: Option<i64>,
+    /// The dead letters of messages below this offset were handed out (by
+    /// this run, or before a restart as its checkpoint says): not again.
+    dead_letters_through: Option<i64>,
+    /// Restored: windows whose panes went out before the restart.
+    pane_marks: Vec<PaneMark>,
 }
 
 impl Part {
@@ -175,6 +180,8 @@ impl Part {
             stored: None,
             dirty: false,
             base: None,
+            dead_letters_through: None,
+            pane_marks: Vec::new(),
         }
     }
 
@@ -256,7 +263,21 @@ impl Part {
             closures,
             // The shell names what it committed since (see `Ledger`).
             previous: self.committed_at_assign,
+            dead_letters_through: self.dead_letters_through,
+            // Filled in by the windower, which has the windows.
+            panes: Vec::new(),
         }
+    }
+
+    /// The restored pane mark of the window at `start`.
+    fn pane_mark(&self, start: i64) -> Option<&PaneMark> {
+        self.pane_marks.iter().find(|m| m.start_ms == start)
+    }
+
+    /// Whether the dead letter of the message at `offset` was handed out
+    /// already (before a restart).
+    fn dead_lettered(&self, offset: i64) -> bool {
+        self.dead_letters_through.is_some_and(|t| offset < t)
     }
 
     /// The least event time this partition may still add to a window: its
@@ -293,6 +314,8 @@ struct OpenWindow {
     /// Across all panes: a restart recomputes the window whole.
     needs: Vec<Need>,
     opened_at: Instant,
+    /// Per partition, the last offset of its events in the panes emitted.
+    emitted_through: Vec<(i32, i64)>,
 }
 
 /// How an event relates to one of its windows.
@@ -466,6 +489,8 @@ impl Windower {
             part.next_offset = Some(c.offset);
             part.start = Some(c.offset);
             part.base = Some(c.offset);
+            part.dead_letters_through = c.dead_letters_through;
+            part.pane_marks = c.panes.clone();
             part.committed = Some(c.clone());
             part.stored = Some(c.clone());
             if committed.is_none_or(|o| o < c.offset) {
@@ -576,6 +601,7 @@ impl Windower {
             commit,
             messages,
             record_first: Vec::new(),
+            assignment: 0,
         })
     }
 
@@ -636,7 +662,7 @@ impl Windower {
         let (mut on_time, mut replayed, mut closed_late) = (0u32, false, false);
         let size = self.size_ms;
         for start in self.window_starts(ts) {
-            match self.verdict(i, prev, start) {
+            match self.verdict(i, prev, start, offset) {
                 Verdict::OnTime => {
                     on_time += 1;
                     self.add_to_window(start, partition, offset, prev, event, ts, now);
@@ -708,16 +734,19 @@ impl Windower {
         self.parts[i]
             .marks
             .push_back((offset, Mark::Invalid(error.kind)));
-        self.dead_letter_bytes += payload.len() + key.map_or(0, <[u8]>::len);
-        self.dead_letters.push(InvalidMessage {
-            topic: self.topic.clone(),
-            partition,
-            offset,
-            key: key.map(<[u8]>::to_vec),
-            payload: payload.to_vec(),
-            kind: error.kind,
-            reason: error.reason,
-        });
+        // One sent before a restart is counted in its windows, not sent again.
+        if !self.parts[i].dead_lettered(offset) {
+            self.dead_letter_bytes += payload.len() + key.map_or(0, <[u8]>::len);
+            self.dead_letters.push(InvalidMessage {
+                topic: self.topic.clone(),
+                partition,
+                offset,
+                key: key.map(<[u8]>::to_vec),
+                payload: payload.to_vec(),
+                kind: error.kind,
+                reason: error.reason,
+            });
+        }
         self.loose(now);
         if self.parts[i].apply_closures(offset + 1) {
             self.refresh_watermark();
@@ -819,6 +848,18 @@ impl Windower {
             return None;
         }
         let record_first = self.records();
+        // Every dead letter of a message read so far goes out with this
+        // work: its partitions' checkpoints say so (the others need not
+        // change for it).
+        for part in &mut self.parts {
+            let sends = self
+                .dead_letters
+                .iter()
+                .any(|d| d.partition == part.partition);
+            if let (true, Some(next)) = (sends, part.next_offset) {
+                part.dead_letters_through = part.dead_letters_through.max(Some(next));
+            }
+        }
         let (commit, messages) = self.checkpoints();
         let batches = std::mem::take(&mut self.closed);
         self.loose = 0;
@@ -836,17 +877,23 @@ impl Windower {
             commit,
             messages,
             record_first,
+            assignment: 0,
         })
     }
 
-    fn verdict(&self, i: usize, prev: Option<i64>, start: i64) -> Verdict {
+    fn verdict(&self, i: usize, prev: Option<i64>, start: i64, offset: i64) -> Verdict {
         let end = start + self.size_ms;
         let part = &self.parts[i];
+        let in_emitted_pane = || {
+            part.pane_mark(start)
+                .and_then(|m| m.through)
+                .is_some_and(|t| offset <= t)
+        };
         if prev.is_some_and(|p| end <= p - self.grace_ms) {
             Verdict::LateForPartition
         } else if part.closed.is_some_and(|c| end <= c) {
             Verdict::LateClosed
-        } else if part.emitted.is_some_and(|e| end <= e) {
+        } else if part.emitted.is_some_and(|e| end <= e) || in_emitted_pane() {
             Verdict::Replayed
         } else {
             Verdict::OnTime
@@ -869,14 +916,27 @@ impl Windower {
             Entry::Vacant(e) => {
                 let deadline = self.last_input + self.cfg.max_wait;
                 self.next_check = Some(self.next_check.map_or(deadline, |t| t.min(deadline)));
+                // A window whose panes went out before a restart goes on
+                // with the next pane.
+                let marks = self
+                    .parts
+                    .iter()
+                    .filter_map(|p| Some((p.partition, p.pane_mark(start)?)));
+                let mut pane = 0;
+                let mut emitted_through = Vec::new();
+                for (partition, m) in marks {
+                    pane = pane.max(m.next_pane);
+                    emitted_through.extend(m.through.map(|t| (partition, t)));
+                }
                 e.insert(OpenWindow {
-                    pane: 0,
+                    pane,
                     columns: Columns::default(),
                     ts_min: None,
                     ts_max: None,
                     ranges: Vec::new(),
                     needs: Vec::new(),
                     opened_at: now,
+                    emitted_through,
                 })
             }
         };
@@ -916,7 +976,7 @@ impl Windower {
         self.late_total += 1;
         let part = &mut self.parts[i];
         part.marks.push_back((offset, Mark::Late));
-        if self.cfg.late == LatePolicy::DeadLetter {
+        if self.cfg.late == LatePolicy::DeadLetter && !part.dead_lettered(offset) {
             self.dead_letter_bytes += payload.len() + key.map_or(0, <[u8]>::len);
             self.dead_letters.push(InvalidMessage {
                 topic: self.topic.clone(),
@@ -991,6 +1051,16 @@ impl Windower {
         w.pane += 1;
         let columns = std::mem::take(&mut w.columns);
         let ranges = std::mem::take(&mut w.ranges);
+        for r in &ranges {
+            match w
+                .emitted_through
+                .iter_mut()
+                .find(|(p, _)| *p == r.partition)
+            {
+                Some((_, t)) => *t = (*t).max(r.last),
+                None => w.emitted_through.push((r.partition, r.last)),
+            }
+        }
         let (ts_min, ts_max) = (w.ts_min.take(), w.ts_max.take());
         let opened_at = w.opened_at;
         self.buffered -= columns.len();
@@ -1141,7 +1211,9 @@ impl Windower {
         }
         self.closed_through = self.closed_through.max(Some(through));
         let grace = self.grace_ms;
+        let size = self.size_ms;
         for part in &mut self.parts {
+            part.pane_marks.retain(|m| m.start_ms + size > through);
             part.emitted = part.emitted.max(Some(through));
             let own = part.progress.map(|p| p.saturating_sub(grace));
             if own.is_none_or(|o| o < through) && part.closed.is_none_or(|c| c < through) {
@@ -1238,7 +1310,8 @@ impl Windower {
                     }
                 }
             }
-            let cp = self.parts[i].checkpoint_at(offset, progress, self.grace_ms);
+            let mut cp = self.parts[i].checkpoint_at(offset, progress, self.grace_ms);
+            cp.panes = self.pane_marks(i);
             let part = &mut self.parts[i];
             if part.committed.as_ref() != Some(&cp) {
                 let from = part
@@ -1258,6 +1331,33 @@ impl Windower {
             }
         }
         (out, messages)
+    }
+
+    /// The panes partition `i` has had emitted of the windows still open,
+    /// and the restored marks of windows not yet opened again.
+    fn pane_marks(&self, i: usize) -> Vec<PaneMark> {
+        let part = &self.parts[i];
+        let mut marks: Vec<PaneMark> = self
+            .windows
+            .iter()
+            .filter(|(_, w)| w.pane > 0)
+            .map(|(&start, w)| PaneMark {
+                start_ms: start,
+                next_pane: w.pane,
+                through: w
+                    .emitted_through
+                    .iter()
+                    .find(|(p, _)| *p == part.partition)
+                    .map(|(_, t)| *t),
+            })
+            .collect();
+        for m in &part.pane_marks {
+            if !self.windows.contains_key(&m.start_ms) {
+                marks.push(*m);
+            }
+        }
+        marks.sort_by_key(|m| m.start_ms);
+        marks
     }
 
     /// The records to store before the next work is delivered: for each
@@ -1280,6 +1380,14 @@ impl Windower {
             };
             let mut cp = part.checkpoint_at(offset, progress, self.grace_ms);
             cp.emitted_ms = emitted;
+            // What went out is what the stored state says, not what is
+            // about to: this record is stored before its work is delivered.
+            cp.dead_letters_through = part.stored.as_ref().and_then(|s| s.dead_letters_through);
+            cp.panes = part
+                .stored
+                .as_ref()
+                .map(|s| s.panes.clone())
+                .unwrap_or_default();
             if let Some(s) = &part.stored {
                 cp.closed_ms = cp.closed_ms.max(s.closed_ms);
             }
@@ -1880,6 +1988,8 @@ mod tests {
                 offset: 1,
                 progress_ms: Some(S),
                 emitted_ms: Some(10 * S),
+                // o2's dead letter went out with this work.
+                dead_letters_through: Some(4),
                 ..Checkpoint::default()
             }
         );
@@ -2053,5 +2163,96 @@ mod tests {
         f.event(0, 30 * S, 0);
         let users: Vec<_> = f.batches().iter().flat_map(|b| Feed::users(b)).collect();
         assert_eq!(users, vec!["p0o3"]);
+    }
+
+    /// The run that restarts from `cp` (committed with it) and reads
+    /// partition 0 from its offset.
+    fn restarted(cfg: WindowConfig, cp: &Checkpoint) -> Feed {
+        let mut f = Feed::new(cfg, &[]);
+        f.w.assign(0, Some(cp.clone()), Some(cp.offset), f.t0);
+        f.next.insert(0, cp.offset);
+        f
+    }
+
+    /// A dead letter handed out while its window is still open, so below no
+    /// committed offset: the checkpoint committed with it says so, and the
+    /// replay after a crash counts the message in its window again without
+    /// sending it again (exactly once, nothing is sent twice).
+    #[test]
+    fn a_replay_counts_a_dead_letter_already_sent_without_sending_it_again() {
+        let mut c = cfg();
+        c.max_dead_letters = 1;
+        let mut f = Feed::new(c, &[0]);
+        f.event(0, S, 0); // o0, [0,10) stays open
+        f.invalid(0, 0); // o1: handed out at once
+        let sent: Vec<i64> = f
+            .works
+            .iter()
+            .flat_map(|w| &w.dead_letters)
+            .map(|d| d.offset)
+            .collect();
+        assert_eq!(sent, vec![1]);
+        let cp = f.works.last().unwrap().commit[0]
+            .checkpoint
+            .clone()
+            .unwrap();
+        assert_eq!((cp.offset, cp.dead_letters_through), (0, Some(2)));
+
+        let mut r = restarted(c, &cp);
+        r.event(0, S, 0); // o0 again
+        r.invalid(0, 0); // o1 again
+        r.event(0, 2 * S, 0); // o2, [0,10) again: o1 lies in its range
+        r.event(0, 20 * S, 0); // o3 closes [0,10)
+        assert!(r.works.iter().all(|w| w.dead_letters.is_empty()));
+        let b = r.batches();
+        assert_eq!(b.len(), 1);
+        assert_eq!(b[0].invalid_by_kind[ErrorKind::NotJson as usize], 1);
+        assert_eq!(Feed::users(b[0]), vec!["p0o0", "p0o2"]);
+    }
+
+    /// Panes of a window still open go out before its offsets can be
+    /// committed; the checkpoint committed with them names them, so a
+    /// replay leaves their events out and goes on with the next pane: the
+    /// panes of the two runs together are the panes of one run.
+    #[test]
+    fn a_replay_goes_on_after_the_panes_already_emitted() {
+        let mut c = cfg();
+        c.max_events = 2;
+        let mut f = Feed::new(c, &[0]);
+        for ts in [1, 2, 3, 4, 5] {
+            f.event(0, ts * S, 0); // o0..o4 in [0,10): panes 0 and 1 go out
+        }
+        let panes: Vec<_> = f.batches().iter().map(|b| b.window.unwrap().pane).collect();
+        assert_eq!(panes, vec![0, 1]);
+        let cp = f.works.last().unwrap().commit[0]
+            .checkpoint
+            .clone()
+            .unwrap();
+        assert_eq!(cp.offset, 0, "the open window still needs o0");
+        assert_eq!(
+            cp.panes,
+            vec![PaneMark {
+                start_ms: 0,
+                next_pane: 2,
+                through: Some(3)
+            }]
+        );
+
+        let mut r = restarted(c, &cp);
+        for ts in [1, 2, 3, 4, 5] {
+            r.event(0, ts * S, 0);
+        }
+        r.event(0, 20 * S, 0); // o5 closes [0,10)
+        let b = r.batches();
+        let got: Vec<_> = b
+            .iter()
+            .map(|b| (b.window.unwrap().pane, Feed::users(b)))
+            .collect();
+        assert_eq!(got, vec![(2, vec!["p0o4".to_string()])]);
+        assert_eq!(b[0].sources[0].first_offset, 4);
+        assert!(r.works.last().unwrap().commit[0]
+            .checkpoint
+            .as_ref()
+            .is_some_and(|c| c.panes.is_empty()));
     }
 }
