@@ -218,6 +218,22 @@ impl Checked {
     }
 }
 
+/// A short description of a packet for failure messages.
+pub fn describe(p: &Packet) -> String {
+    format!(
+        "{} (window {}, pane {:?}, closed by {}, valid {}, sources {:?})",
+        p.packet_id,
+        p.window.start.as_deref().unwrap_or("-"),
+        p.window.pane,
+        p.window.closed_by,
+        p.events.valid,
+        p.sources
+            .iter()
+            .map(|s| (s.partition, s.first_offset, s.last_offset))
+            .collect::<Vec<_>>()
+    )
+}
+
 pub fn rfc3339_ms(s: &str) -> i64 {
     chrono::DateTime::parse_from_rfc3339(s)
         .expect("RFC 3339")

@@ -53,7 +53,9 @@ use serde_json::Value;
 use crate::common::output::Read;
 use crate::common::service::{logged_env, Service};
 use crate::common::transactions::{read_isolated, Isolation};
-use crate::common::windowed::{rfc3339_ms, timed_input, window_start, Timed, CHECKPOINTS, SIZE_MS};
+use crate::common::windowed::{
+    describe, rfc3339_ms, timed_input, window_start, Checked, Timed, CHECKPOINTS, SIZE_MS,
+};
 use crate::common::*;
 
 const READY: Duration = Duration::from_secs(60);
@@ -156,25 +158,6 @@ impl Oracle {
     fn total(&self) -> i64 {
         self.ends.iter().sum()
     }
-}
-
-fn start_of(p: &Packet) -> i64 {
-    rfc3339_ms(p.window.start.as_deref().expect("a window packet"))
-}
-
-fn describe(p: &Packet) -> String {
-    format!(
-        "{} (window {}, pane {:?}, closed by {}, valid {}, sources {:?})",
-        p.packet_id,
-        p.window.start.as_deref().unwrap_or("-"),
-        p.window.pane,
-        p.window.closed_by,
-        p.events.valid,
-        p.sources
-            .iter()
-            .map(|s| (s.partition, s.first_offset, s.last_offset))
-            .collect::<Vec<_>>()
-    )
 }
 
 /// What identifies a record the service sent: its key, value and headers.
@@ -342,7 +325,7 @@ fn assert_exact(
     // Each window once, and exactly the oracle's.
     let mut by_window: BTreeMap<i64, Vec<&Packet>> = BTreeMap::new();
     for p in packets.values() {
-        by_window.entry(start_of(p)).or_default().push(p);
+        by_window.entry(Checked::start_of(p)).or_default().push(p);
     }
     for (w, ps) in &by_window {
         assert!(

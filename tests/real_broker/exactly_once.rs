@@ -25,7 +25,7 @@ use crate::common::output::Read;
 use crate::common::service::Service;
 use crate::common::transactions::{read_isolated, wait_no_open_transaction, Isolation, Watermarks};
 use crate::common::windowed::{
-    assigned, rfc3339_ms, timed_input, window_start, Feed, Timed, SIZE_MS,
+    assigned, describe, rfc3339_ms, timed_input, window_start, Checked, Feed, Timed, SIZE_MS,
 };
 use crate::common::*;
 
@@ -152,27 +152,6 @@ fn sum(offsets: &[i64]) -> i64 {
     offsets.iter().map(|o| (*o).max(0)).sum()
 }
 
-/// The window start of a packet.
-fn start_of(p: &Packet) -> i64 {
-    rfc3339_ms(p.window.start.as_deref().expect("a window packet"))
-}
-
-/// A short description of a packet for failure messages.
-fn describe(p: &Packet) -> String {
-    format!(
-        "{} (window {}, pane {:?}, closed by {}, valid {}, sources {:?})",
-        p.packet_id,
-        p.window.start.as_deref().unwrap_or("-"),
-        p.window.pane,
-        p.window.closed_by,
-        p.events.valid,
-        p.sources
-            .iter()
-            .map(|s| (s.partition, s.first_offset, s.last_offset))
-            .collect::<Vec<_>>()
-    )
-}
-
 /// What a reader with `read_committed` sees is exact: every packet once (no
 /// `packet_id` twice, no window twice), exactly the oracle's windows, each
 /// with the oracle's counts over the whole window, and every late or
@@ -226,7 +205,7 @@ fn assert_exact(
     // Each window once, and exactly the oracle's.
     let mut by_window: BTreeMap<i64, Vec<&Packet>> = BTreeMap::new();
     for p in packets.values() {
-        by_window.entry(start_of(p)).or_default().push(p);
+        by_window.entry(Checked::start_of(p)).or_default().push(p);
     }
     let split: Vec<String> = by_window
         .iter()
