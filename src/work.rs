@@ -118,7 +118,7 @@ pub struct StrColumn {
 }
 
 impl StrColumn {
-    fn push(&mut self, value: Option<&str>) {
+    pub(crate) fn push(&mut self, value: Option<&str>) {
         self.spans.push(value.map(|v| {
             let start = self.buf.len() as u32;
             self.buf.push_str(v);
@@ -142,6 +142,23 @@ impl StrColumn {
         self.spans
             .iter()
             .map(|span| span.map(|(s, l)| &self.buf[s as usize..(s + l) as usize]))
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.buf.clear();
+        self.spans.clear();
+    }
+
+    /// Appends `other`'s values after this column's.
+    pub fn append(&mut self, other: &StrColumn) {
+        let base = self.buf.len() as u32;
+        self.buf.push_str(&other.buf);
+        self.spans.extend(
+            other
+                .spans
+                .iter()
+                .map(|s| s.map(|(start, len)| (base + start, len))),
+        );
     }
 }
 
@@ -170,6 +187,25 @@ impl Columns {
 
     pub fn column(&self, field: Field) -> &StrColumn {
         &self.strings[field.index()]
+    }
+
+    /// `n` events whose every value is null and whose time is unknown: the
+    /// frame a reader fills column by column.
+    pub fn with_len(n: usize) -> Columns {
+        let mut c = Columns::default();
+        for col in c.strings.iter_mut() {
+            col.spans = vec![None; n];
+        }
+        c.timestamps_ms = vec![None; n];
+        c
+    }
+
+    /// Appends `other`'s events after this batch's.
+    pub fn append(&mut self, other: &Columns) {
+        for (a, b) in self.strings.iter_mut().zip(&other.strings) {
+            a.append(b);
+        }
+        self.timestamps_ms.extend_from_slice(&other.timestamps_ms);
     }
 
     /// Builds columns from events (tests, benches).
