@@ -29,19 +29,20 @@
 //! - **A share comes at least once.** A partition that moves or restarts
 //!   sends again what its last commit did not cover; a share of a pane the
 //!   merger holds or has merged is dropped as a duplicate, and one of a
-//!   window closed by every partition's settled bound as a replay.
+//!   window that every partition has closed as a replay: such a window was
+//!   merged the moment the last partition closed it.
 //!
 //! The merger is synchronous and knows nothing of Kafka: the shell hands it
 //! decoded records with their positions in the internal topic, and takes
 //! merged batches, the lowest position still needed (what it may commit),
 //! and a [`MergeState`] to store with the commit.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
 use crate::core::event::{ErrorKind, Field, FIELD_COUNT};
-use crate::work::{Batch, CloseReason, Columns, SourceRange, WindowId};
+use crate::work::{Batch, CloseReason, Columns, SourceRange, WindowId, Work};
 
 /// One input partition's part of one pane of one window.
 #[derive(Debug, Clone)]
@@ -61,6 +62,24 @@ pub struct Share {
 }
 
 impl Share {
+    /// The share that a batch of one partition's windows is
+    /// ([`crate::core::grouping::split`]); `None` for a batch of no window
+    /// or of several partitions, which no share can be.
+    pub fn from_batch(batch: Batch) -> Option<Share> {
+        let window = batch.window?;
+        let [source] = <[SourceRange; 1]>::try_from(batch.sources).ok()?;
+        Some(Share {
+            window,
+            source,
+            ts_min_ms: batch.ts_min_ms,
+            ts_max_ms: batch.ts_max_ms,
+            invalid_by_kind: batch.invalid_by_kind,
+            late: batch.late.unwrap_or(0),
+            closed_by: batch.closed_by,
+            columns: batch.columns,
+        })
+    }
+
     pub fn partition(&self) -> i32 {
         self.source.partition
     }
@@ -80,13 +99,27 @@ impl Share {
 }
 
 /// A partition has sent every share of the windows ending at or before
-/// `closed_ms`; none of the windows ending at or before `settled_ms` will be
-/// sent again (its committed checkpoint has them closed).
+/// `closed_ms`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Progress {
     pub partition: i32,
     pub closed_ms: i64,
-    pub settled_ms: Option<i64>,
+}
+
+/// The progress a work of one partition's windows reports once its shares
+/// are sent: each partition's windows ending at or before its checkpoint's
+/// emitted bound are all handed out, in this work or before.
+pub fn progress_of(work: &Work) -> Vec<Progress> {
+    work.commit
+        .iter()
+        .filter_map(|c| {
+            let closed_ms = c.checkpoint.as_ref()?.emitted_ms?;
+            Some(Progress {
+                partition: c.partition,
+                closed_ms,
+            })
+        })
+        .collect()
 }
 
 /// What the merger made of a share.
@@ -96,8 +129,8 @@ pub enum Added {
     Held,
     /// A share it holds or has merged, sent again.
     Duplicate,
-    /// A share of a window every partition has settled: a replay from before
-    /// a commit the merger has seen.
+    /// A share of a window that every partition has closed and the merger
+    /// no longer remembers: it merged it, so this is a replay.
     Replayed,
     /// A share under a pane it holds or merged with other offsets or counts:
     /// the sender's rules changed, or its input did. Dropped; the held or
@@ -111,10 +144,7 @@ pub enum Added {
 pub struct MergeState {
     /// Per input partition, [`Progress::closed_ms`].
     pub closed: Vec<Option<i64>>,
-    /// Per input partition, [`Progress::settled_ms`].
-    pub settled: Vec<Option<i64>>,
-    /// Windows with panes merged: `(start_ms, end_ms, next pane)`; the next
-    /// pane is `u32::MAX` once the window is finished.
+    /// Windows still open with panes merged: `(start_ms, end_ms, next pane)`.
     pub merged: Vec<(i64, i64, u32)>,
 }
 
@@ -127,10 +157,7 @@ struct Open {
 /// The merge of the windows routed to one internal partition.
 pub struct Merger {
     closed: Vec<Option<i64>>,
-    settled: Vec<Option<i64>>,
     open: BTreeMap<(i64, i64), Open>,
-    /// Windows merged whole, kept until every partition has settled them.
-    finished: BTreeSet<(i64, i64)>,
     held_events: usize,
     seq: u64,
 }
@@ -149,29 +176,21 @@ impl Merger {
     /// from 0), resumed at `state`.
     pub fn new(partitions: usize, state: &MergeState) -> Merger {
         let mut closed = state.closed.clone();
-        let mut settled = state.settled.clone();
         closed.resize(partitions, None);
-        settled.resize(partitions, None);
         let mut m = Merger {
             closed,
-            settled,
             open: BTreeMap::new(),
-            finished: BTreeSet::new(),
             held_events: 0,
             seq: 0,
         };
         for &(start, end, next) in &state.merged {
-            if next == u32::MAX {
-                m.finished.insert((start, end));
-            } else {
-                m.open.insert(
-                    (start, end),
-                    Open {
-                        shares: BTreeMap::new(),
-                        next_pane: next,
-                    },
-                );
-            }
+            m.open.insert(
+                (start, end),
+                Open {
+                    shares: BTreeMap::new(),
+                    next_pane: next,
+                },
+            );
         }
         m
     }
@@ -183,10 +202,7 @@ impl Merger {
         if p < 0 || p as usize >= self.closed.len() {
             return Added::Conflict;
         }
-        if self.finished.contains(&key) {
-            return Added::Duplicate;
-        }
-        if !self.open.contains_key(&key) && self.settled_floor().is_some_and(|f| key.1 <= f) {
+        if !self.open.contains_key(&key) && self.watermark().is_some_and(|w| key.1 <= w) {
             return Added::Replayed;
         }
         let open = self.open.entry(key).or_insert_with(|| Open {
@@ -217,10 +233,6 @@ impl Merger {
         }
         let i = p as usize;
         self.closed[i] = self.closed[i].max(Some(progress.closed_ms));
-        self.settled[i] = self.settled[i].max(progress.settled_ms);
-        if let Some(floor) = self.settled_floor() {
-            self.finished.retain(|&(_, end)| end > floor);
-        }
     }
 
     /// The panes that are complete, merged, in window order and pane order
@@ -263,9 +275,6 @@ impl Merger {
         }
         for key in done {
             self.open.remove(&key);
-            if !self.settled_floor().is_some_and(|f| key.1 <= f) {
-                self.finished.insert(key);
-            }
         }
         out
     }
@@ -295,23 +304,16 @@ impl Merger {
         self.closed.iter().copied().min().flatten()
     }
 
-    fn settled_floor(&self) -> Option<i64> {
-        self.settled.iter().copied().min().flatten()
-    }
-
     /// What to store with a commit of the internal partition.
     pub fn state(&self) -> MergeState {
-        let mut merged: Vec<(i64, i64, u32)> = self
+        let merged = self
             .open
             .iter()
             .filter(|(_, o)| o.next_pane > 0)
             .map(|(&(s, e), o)| (s, e, o.next_pane))
             .collect();
-        merged.extend(self.finished.iter().map(|&(s, e)| (s, e, u32::MAX)));
-        merged.sort_unstable();
         MergeState {
             closed: self.closed.clone(),
-            settled: self.settled.clone(),
             merged,
         }
     }
@@ -366,7 +368,7 @@ fn merged(parts: Vec<Share>, seq: u64, now: Instant) -> Batch {
 /// A record of the internal topic.
 #[derive(Debug, Clone)]
 pub enum Record {
-    Share(Share),
+    Share(Box<Share>),
     Progress(Progress),
 }
 
@@ -392,7 +394,6 @@ impl Record {
                 w.push(PROGRESS);
                 put_i64(&mut w, p.partition as i64);
                 put_i64(&mut w, p.closed_ms);
-                put_opt(&mut w, p.settled_ms);
             }
             Record::Share(s) => {
                 w.push(SHARE);
@@ -442,7 +443,6 @@ impl Record {
             PROGRESS => Ok(Record::Progress(Progress {
                 partition: r.i32()?,
                 closed_ms: r.i64()?,
-                settled_ms: r.opt()?,
             })),
             SHARE => {
                 let window = WindowId {
@@ -497,7 +497,7 @@ impl Record {
                 if r.at != bytes.len() {
                     return Err(r.bad("length"));
                 }
-                Ok(Record::Share(Share {
+                Ok(Record::Share(Box::new(Share {
                     window,
                     source,
                     ts_min_ms,
@@ -506,7 +506,7 @@ impl Record {
                     late,
                     closed_by,
                     columns,
-                }))
+                })))
             }
             kind => Err(DecodeError(format!("unknown record kind {kind}"))),
         }
@@ -656,7 +656,6 @@ mod tests {
         Progress {
             partition: p,
             closed_ms,
-            settled_ms: None,
         }
     }
 
@@ -694,7 +693,8 @@ mod tests {
         assert_eq!(m.held_windows(), 0);
         m.progress(progress(0, 10));
         assert!(m.complete(now).is_empty());
-        assert_eq!(m.state().merged, [(0, 10, u32::MAX)]);
+        assert_eq!(m.state().merged, []);
+        assert_eq!(m.watermark(), Some(10));
     }
 
     #[test]
@@ -758,16 +758,10 @@ mod tests {
         assert_eq!(m.add(share(0, 0, 0, 3, &["a"]), 2), Added::Conflict);
         m.progress(progress(0, 10));
         assert_eq!(m.complete(now).len(), 1);
-        assert_eq!(m.add(share(0, 0, 0, 0, &["a"]), 3), Added::Duplicate);
-        // Settled by the partition's commit: a later replay of the window
-        // is recognized without remembering it.
-        m.progress(Progress {
-            partition: 0,
-            closed_ms: 10,
-            settled_ms: Some(10),
-        });
+        // Every partition has closed the window: a later share of it is a
+        // replay, recognized without remembering the window.
         assert_eq!(m.state().merged, []);
-        assert_eq!(m.add(share(0, 0, 0, 0, &["a"]), 4), Added::Replayed);
+        assert_eq!(m.add(share(0, 0, 0, 0, &["a"]), 3), Added::Replayed);
         assert!(m.complete(now).is_empty());
     }
 
@@ -782,12 +776,13 @@ mod tests {
         m.progress(progress(1, 10));
         assert_eq!(m.complete(now).len(), 1);
         let state = m.state();
-        assert_eq!(state.merged, [(0, 10, u32::MAX)]);
+        assert_eq!(state.merged, []);
+        assert_eq!(state.closed, [Some(10), Some(10)]);
         // Resumed from the commit at position 2, the lowest held: the
         // records from there on are read again.
         assert_eq!(m.lowest_held(), Some(2));
         let mut r = Merger::new(2, &state);
-        assert_eq!(r.add(share(0, 0, 1, 0, &["c", "d"]), 1), Added::Duplicate);
+        assert_eq!(r.add(share(0, 0, 1, 0, &["c", "d"]), 1), Added::Replayed);
         assert_eq!(r.add(share(10, 0, 0, 2, &["e"]), 2), Added::Held);
         r.progress(progress(0, 20));
         r.progress(progress(1, 20));
@@ -807,7 +802,7 @@ mod tests {
         s.late = 3;
         s.ts_min_ms = None;
         s.closed_by = CloseReason::Wait;
-        let bytes = Record::Share(s.clone()).encode(&[Field::UserId, Field::Ip]);
+        let bytes = Record::Share(Box::new(s.clone())).encode(&[Field::UserId, Field::Ip]);
         let Record::Share(back) = Record::decode(&bytes).unwrap() else {
             panic!("a share")
         };
@@ -827,7 +822,6 @@ mod tests {
         let p = Progress {
             partition: 2,
             closed_ms: -5,
-            settled_ms: Some(i64::MAX),
         };
         let Record::Progress(q) = Record::decode(&Record::Progress(p).encode(&[])).unwrap() else {
             panic!("progress")

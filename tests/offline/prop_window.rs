@@ -11,8 +11,11 @@ use std::time::{Duration, Instant};
 use login_metrics::commit::checkpoint::{self, Checkpoint, Restore};
 use login_metrics::commit::ledger::Carry;
 use login_metrics::core::event::{ErrorKind, Field, InvalidEvent, LoginEvent, FIELD_COUNT};
+use login_metrics::core::grouping::split::Split;
 use login_metrics::core::grouping::window::{LatePolicy, WindowConfig, Windower};
-use login_metrics::work::{Batch, CommitPoint, WindowId, Work};
+use login_metrics::core::grouping::Grouping;
+use login_metrics::core::merge::{progress_of, route, Added, MergeState, Merger, Share};
+use login_metrics::work::{Batch, CloseReason, CommitPoint, Message, WindowId, Work};
 use proptest::prelude::*;
 
 /// One message of a partition: `Some(ts_ms)` a valid event, `None` invalid.
@@ -545,5 +548,156 @@ proptest! {
                 }
             }
         }
+    }
+}
+
+/// What a window packet reports, comparable across the two ways of making it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Reported {
+    users: BTreeSet<String>,
+    sources: Vec<(i32, i64, i64)>,
+    late: Option<u64>,
+    invalid: [u64; 5],
+}
+
+fn reported(b: &Batch) -> Reported {
+    Reported {
+        users: users(b),
+        sources: b
+            .sources
+            .iter()
+            .map(|s| (s.partition, s.first_offset, s.last_offset))
+            .collect(),
+        late: b.late,
+        invalid: b.invalid_by_kind,
+    }
+}
+
+/// Feeds `order`, then the rest, then the silence of the end, to a grouping
+/// behind the interface the consumer thread drives.
+fn run_grouping(g: &mut dyn Grouping, seqs: &[Seq], order: &[usize], t0: Instant) -> Vec<Work> {
+    let mut next = vec![0usize; seqs.len()];
+    let mut works = Vec::new();
+    let rest = (0..seqs.len()).flat_map(|p| std::iter::repeat_n(p, seqs[p].len()));
+    for p in order.iter().copied().chain(rest) {
+        let o = next[p];
+        if o >= seqs[p].len() {
+            continue;
+        }
+        next[p] += 1;
+        let m = Message {
+            topic: "user-login",
+            partition: p as i32,
+            offset: o as i64,
+            key: None,
+            payload: b"{}",
+            timestamp_ms: None,
+        };
+        match seqs[p][o] {
+            Some(ts) => {
+                let mut fields: [Option<Cow<str>>; FIELD_COUNT] = Default::default();
+                fields[Field::UserId.index()] = Some(Cow::Owned(format!("{p}/{o}")));
+                let ev = LoginEvent {
+                    fields,
+                    timestamp_ms: Some(ts),
+                };
+                g.push_event(&m, &ev, t0);
+            }
+            None => g.push_invalid(
+                &m,
+                InvalidEvent {
+                    kind: ErrorKind::NotJson,
+                    reason: "x".into(),
+                },
+                t0,
+            ),
+        }
+        works.extend(g.take_work(t0));
+    }
+    for k in 1..=4 {
+        let at = t0 + Duration::from_secs(3601 * k);
+        works.extend(g.take_work(at));
+        works.extend(g.close(CloseReason::Shutdown, at));
+    }
+    works
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// Each partition windowed on its own ([`Split`]), its batches sent as
+    /// shares through one to three internal partitions and merged, gives
+    /// the windows closed by watermark that one reader of every partition
+    /// gives: the same events, offset ranges (so the same packet ids), late
+    /// and invalid counts, and the same late dead letters. Every partition
+    /// ends with an event far ahead, so that every window of the input
+    /// closes by watermark; the windows of those last events close by wait,
+    /// which a partition decides alone here, and are left out.
+    #[test]
+    fn per_partition_windows_merged_equal_the_windows_of_one_reader(
+        seqs in sequences(),
+        hop_s in prop_oneof![Just(10u64), Just(5u64)],
+        picks in prop::collection::vec(0usize..8, 0..250),
+        internals in 1i32..=3,
+    ) {
+        let t0 = Instant::now();
+        let n = seqs.len();
+        let ahead = seqs.iter().flatten().flatten().max().copied().unwrap_or(0) + 100_000;
+        let seqs: Vec<Seq> = seqs
+            .into_iter()
+            .map(|mut s| {
+                s.push(Some(ahead));
+                s
+            })
+            .collect();
+        let order = interleaving(&seqs, &picks);
+        let input = |w: &WindowId| w.end_ms <= ahead - 20_000;
+
+        let mut one = fresh(hop_s, n, t0);
+        let reference = run_grouping(&mut one, &seqs, &order, t0);
+        let mut want: BTreeMap<WindowId, Reported> = BTreeMap::new();
+        let mut want_late = BTreeSet::new();
+        for w in &reference {
+            for b in w.batches.iter().filter(|b| input(&b.window.unwrap())) {
+                prop_assert_eq!(b.closed_by, CloseReason::Watermark);
+                prop_assert!(want.insert(b.window.unwrap(), reported(b)).is_none());
+            }
+            want_late.extend(
+                w.dead_letters.iter().filter(|d| d.kind == ErrorKind::Late).map(|d| (d.partition, d.offset)),
+            );
+        }
+
+        let mut split = Split::new(cfg(hop_s), "user-login");
+        for p in 0..n {
+            split.assign(p as i32, None, None, t0);
+        }
+        let works = run_grouping(&mut split, &seqs, &order, t0);
+        let mut mergers: Vec<Merger> =
+            (0..internals).map(|_| Merger::new(n, &MergeState::default())).collect();
+        let mut got: BTreeMap<WindowId, Reported> = BTreeMap::new();
+        let mut got_late = BTreeSet::new();
+        for w in works {
+            got_late.extend(
+                w.dead_letters.iter().filter(|d| d.kind == ErrorKind::Late).map(|d| (d.partition, d.offset)),
+            );
+            let progress = progress_of(&w);
+            for b in w.batches {
+                let share = Share::from_batch(b).expect("a batch of one partition");
+                let s = route(&share.window, hop_s as i64 * 1000, internals) as usize;
+                prop_assert_eq!(mergers[s].add(share, 0), Added::Held);
+            }
+            for m in &mut mergers {
+                for p in &progress {
+                    m.progress(*p);
+                }
+                for b in m.complete(t0).into_iter().filter(|b| input(&b.window.unwrap())) {
+                    prop_assert_eq!(b.closed_by, CloseReason::Watermark);
+                    prop_assert!(got.insert(b.window.unwrap(), reported(&b)).is_none());
+                }
+            }
+        }
+        prop_assert!(!want.is_empty() || seqs.iter().flatten().all(|m| m.is_none() || *m == Some(ahead)));
+        prop_assert_eq!(got, want);
+        prop_assert_eq!(got_late, want_late);
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod arrival;
 pub mod settings;
+pub mod split;
 pub mod window;
 
 use std::time::Instant;
