@@ -304,6 +304,13 @@ impl Merger {
         self.closed.iter().copied().min().flatten()
     }
 
+    /// The furthest window end any input partition has closed: what a
+    /// partition that has gone quiet follows
+    /// ([`crate::core::grouping::split`]).
+    pub fn furthest(&self) -> Option<i64> {
+        self.closed.iter().copied().max().flatten()
+    }
+
     /// What to store with a commit of the internal partition.
     pub fn state(&self) -> MergeState {
         let merged = self

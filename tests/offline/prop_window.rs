@@ -11,12 +11,13 @@ use std::time::{Duration, Instant};
 use login_metrics::commit::checkpoint::{self, Checkpoint, Restore};
 use login_metrics::commit::ledger::Carry;
 use login_metrics::core::event::{ErrorKind, Field, InvalidEvent, LoginEvent, FIELD_COUNT};
-use login_metrics::core::grouping::split::Split;
+use login_metrics::core::grouping::split::{Split, NO_BOUND};
 use login_metrics::core::grouping::window::{LatePolicy, WindowConfig, Windower};
 use login_metrics::core::grouping::Grouping;
 use login_metrics::core::merge::{progress_of, route, Added, MergeState, Merger, Share};
 use login_metrics::work::{Batch, CloseReason, CommitPoint, Message, WindowId, Work};
 use proptest::prelude::*;
+use proptest::test_runner::TestCaseError;
 
 /// One message of a partition: `Some(ts_ms)` a valid event, `None` invalid.
 type Seq = Vec<Option<i64>>;
@@ -697,6 +698,87 @@ proptest! {
             }
         }
         prop_assert!(!want.is_empty() || seqs.iter().flatten().all(|m| m.is_none() || *m == Some(ahead)));
+        prop_assert_eq!(got, want);
+        prop_assert_eq!(got_late, want_late);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// At the end of the input the partitions fall quiet one by one, each
+    /// closing what it has by wait and then following the furthest window
+    /// end the merge stage has seen: every window of the input is merged,
+    /// with the events, offset ranges and counts that one reader's windows
+    /// have. (A window one reader closes by wait may be reported closed by
+    /// watermark here, when every partition with events in it had passed
+    /// it: `closed_by` names the reasons of the partitions in the packet.)
+    #[test]
+    fn quiet_partitions_follow_the_group_so_the_last_windows_merge_whole(
+        seqs in sequences(),
+        hop_s in prop_oneof![Just(10u64), Just(5u64)],
+        picks in prop::collection::vec(0usize..8, 0..250),
+        internals in 1i32..=3,
+    ) {
+        let t0 = Instant::now();
+        let n = seqs.len();
+        let order = interleaving(&seqs, &picks);
+        let mut want: BTreeMap<WindowId, Reported> = BTreeMap::new();
+        let mut want_late = BTreeSet::new();
+        for w in run_grouping(&mut fresh(hop_s, n, t0), &seqs, &order, t0) {
+            for b in &w.batches {
+                prop_assert!(want.insert(b.window.unwrap(), reported(b)).is_none());
+            }
+            want_late.extend(
+                w.dead_letters.iter().filter(|d| d.kind == ErrorKind::Late).map(|d| (d.partition, d.offset)),
+            );
+        }
+
+        let group = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(NO_BOUND));
+        let mut split = Split::new(cfg(hop_s), "user-login").following(group.clone());
+        for p in 0..n {
+            split.assign(p as i32, None, None, t0);
+        }
+        let mut mergers: Vec<Merger> =
+            (0..internals).map(|_| Merger::new(n, &MergeState::default())).collect();
+        let mut got: BTreeMap<WindowId, Reported> = BTreeMap::new();
+        let mut got_late = BTreeSet::new();
+        let mut deliver = |works: Vec<Work>, mergers: &mut Vec<Merger>| -> Result<(), TestCaseError> {
+            for w in works {
+                got_late.extend(
+                    w.dead_letters.iter().filter(|d| d.kind == ErrorKind::Late).map(|d| (d.partition, d.offset)),
+                );
+                let progress = progress_of(&w);
+                for b in w.batches {
+                    let share = Share::from_batch(b).expect("a batch of one partition");
+                    let s = route(&share.window, hop_s as i64 * 1000, internals) as usize;
+                    prop_assert_eq!(mergers[s].add(share, 0), Added::Held);
+                }
+                for m in mergers.iter_mut() {
+                    for p in &progress {
+                        m.progress(*p);
+                    }
+                    for b in m.complete(t0) {
+                        prop_assert!(got.insert(b.window.unwrap(), reported(&b)).is_none());
+                    }
+                }
+            }
+            Ok(())
+        };
+        let works = run_grouping(&mut split, &seqs, &order, t0);
+        deliver(works, &mut mergers)?;
+        // The group's bound, as the merge stage reports it, until nothing moves.
+        for k in 5..12 {
+            if let Some(f) = mergers.iter().filter_map(Merger::furthest).max() {
+                group.store(f, std::sync::atomic::Ordering::Relaxed);
+            }
+            let at = t0 + Duration::from_secs(3601 * k);
+            let works = split.take_work(at);
+            deliver(works, &mut mergers)?;
+        }
+        for m in &mergers {
+            prop_assert_eq!(m.held_events(), 0, "every share merged");
+        }
         prop_assert_eq!(got, want);
         prop_assert_eq!(got_late, want_late);
     }

@@ -11,10 +11,21 @@
 //! then gives each window's answer, the same whoever reads which partition.
 //!
 //! Checkpoints, offsets and dead letters stay per partition, exactly as the
-//! windower keeps them; this type only routes each call to the partition's
+//! windower keeps them; this type routes each call to the partition's
 //! windower and numbers the works it hands over.
+//!
+//! A partition's windows wait for no other partition here, so the wait rule
+//! needs one addition: a partition that has gone quiet (nothing for
+//! `max_wait`, no window open) *follows the group*. The merge stage reports
+//! the furthest window end any partition of the group has closed, and the
+//! quiet partition closes its windows through it too, as a closure recorded
+//! at its position ([`Windower::follow`]); its later events for those
+//! windows are late, exactly as after a wait. Without it, the windows after
+//! a quiet partition's last event would wait for it for ever.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::core::event::{InvalidEvent, LoginEvent};
@@ -28,7 +39,13 @@ pub struct Split {
     parts: BTreeMap<i32, Windower>,
     next_seq: u64,
     next_batch: u64,
+    /// The furthest window end the group has closed ([`NO_BOUND`]: none
+    /// known yet), set by the merge stage.
+    group: Arc<AtomicI64>,
 }
+
+/// The group bound's value while nothing is known.
+pub const NO_BOUND: i64 = i64::MIN;
 
 impl Split {
     pub fn new(cfg: WindowConfig, topic: &str) -> Split {
@@ -38,7 +55,14 @@ impl Split {
             parts: BTreeMap::new(),
             next_seq: 0,
             next_batch: 0,
+            group: Arc::new(AtomicI64::new(NO_BOUND)),
         }
+    }
+
+    /// Follows `group`, the furthest window end the group has closed.
+    pub fn following(mut self, group: Arc<AtomicI64>) -> Split {
+        self.group = group;
+        self
     }
 
     /// The windower of `partition`, made (from nothing stored) for a message
@@ -97,7 +121,17 @@ impl Grouping for Split {
     }
 
     fn take_work(&mut self, now: Instant) -> Vec<Work> {
-        self.each(|w| Grouping::take_work(w, now))
+        let group = self.group.load(Ordering::Relaxed);
+        self.each(|w| {
+            if group != NO_BOUND {
+                // A quiet partition only: the wall-clock rules go first.
+                w.poll(now);
+                if w.quiet(now) {
+                    w.follow(group, now);
+                }
+            }
+            Grouping::take_work(w, now)
+        })
     }
 
     fn close(&mut self, reason: CloseReason, now: Instant) -> Vec<Work> {

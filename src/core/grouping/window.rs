@@ -364,6 +364,9 @@ pub struct Windower {
     next_seq: u64,
     /// The latest `now` seen, for state changes made outside a call that carries one.
     now: Instant,
+    /// A closure by [`Windower::follow`] moved the partitions' checkpoints
+    /// while closing no window: the next work carries them.
+    followed: bool,
 }
 
 impl Windower {
@@ -396,6 +399,7 @@ impl Windower {
             flows: Vec::new(),
             next_seq: 0,
             now,
+            followed: false,
         }
     }
 
@@ -827,6 +831,33 @@ impl Windower {
         self.next_check
     }
 
+    /// Whether the input has gone quiet here: no window open, nothing read
+    /// for `max_wait` (held time aside), no recorded closure still to reach.
+    pub fn quiet(&self, now: Instant) -> bool {
+        self.windows.is_empty()
+            && !self.held
+            && now >= self.last_input + self.cfg.max_wait
+            && self.parts.iter().all(|p| p.pending >= p.closures.len())
+    }
+
+    /// Closes the windows ending at or before `through` (a window end) for
+    /// every partition read here, as the wait rule does, and records the
+    /// closure at each partition's position: a partition that has gone
+    /// quiet follows the windows its group has closed without it, so that
+    /// they need not wait for it ([`crate::core::grouping::split`]).
+    /// Nothing happens before the partitions have a position, or when they
+    /// are closed that far already.
+    pub fn follow(&mut self, through: i64, now: Instant) {
+        self.now = now;
+        if self.closed_through.is_some_and(|c| c >= through)
+            || self.parts.iter().any(|p| p.position().is_none())
+        {
+            return;
+        }
+        self.close_through(through, CloseReason::Wait);
+        self.followed = true;
+    }
+
     /// Pause and resume changes for the consumer, oldest first.
     pub fn take_flows(&mut self) -> Vec<Flow> {
         std::mem::take(&mut self.flows)
@@ -838,6 +869,7 @@ impl Windower {
     /// `max_dead_letters` of them or the oldest has waited `max_wait`.
     pub fn take_work(&mut self, now: Instant, force: bool) -> Option<Work> {
         let due = !self.closed.is_empty()
+            || self.followed
             || self.dead_letters.len() >= self.cfg.max_dead_letters
             || self.dead_letter_bytes >= MAX_HELD_INVALID_BYTES
             || self
@@ -862,6 +894,7 @@ impl Windower {
         }
         let (commit, messages) = self.checkpoints();
         let batches = std::mem::take(&mut self.closed);
+        self.followed = false;
         self.loose = 0;
         self.loose_since = None;
         self.prune_marks();
