@@ -2,7 +2,9 @@
 //! event-time windowing, batch analysis at four
 //! batch sizes, small batches analysed one job each or together, the
 //! in-process analysis core (parse, batch, analyze, encode),
-//! packet building, and the whole pipeline over librdkafka's mock cluster.
+//! packet building, the shares of a merged group (encoding, decoding and
+//! merging, with the bytes per event printed), and the whole pipeline over
+//! librdkafka's mock cluster.
 //! Data comes from the generator; setup stays out of the timed part.
 
 use std::hint::black_box;
@@ -238,6 +240,101 @@ fn bench_packet(c: &mut Criterion) {
     g.finish();
 }
 
+/// A window of 100k events as six partitions' shares, as stage 1 of a
+/// merged group sends them: what it costs to encode, decode and merge them,
+/// per event.
+fn bench_merge(c: &mut Criterion) {
+    use login_metrics::core::merge::{MergeState, Merger, Progress, Record, Share};
+    use login_metrics::work::{SourceRange, WindowId};
+    use std::sync::Arc;
+
+    let slices = defaults().analysis.slices;
+    let mut fields: Vec<Field> = slices.iter().flatten().copied().collect();
+    fields.sort_unstable_by_key(|f| f.index());
+    fields.dedup();
+    let all = payloads(100_000, 9);
+    let shares: Vec<Share> = all
+        .chunks(all.len().div_ceil(6))
+        .enumerate()
+        .map(|(p, chunk)| {
+            let b = batch_of(chunk);
+            Share {
+                window: WindowId {
+                    start_ms: 0,
+                    end_ms: 10_000,
+                    pane: 0,
+                },
+                source: SourceRange {
+                    topic: Arc::from("user-login"),
+                    partition: p as i32,
+                    first_offset: 0,
+                    last_offset: chunk.len() as i64 - 1,
+                },
+                ts_min_ms: b.ts_min_ms,
+                ts_max_ms: b.ts_max_ms,
+                invalid_by_kind: b.invalid_by_kind,
+                late: 0,
+                closed_by: CloseReason::Watermark,
+                columns: b.columns,
+            }
+        })
+        .collect();
+    let events: usize = shares.iter().map(|s| s.columns.len()).sum();
+    let encoded: Vec<Vec<u8>> = shares
+        .iter()
+        .map(|s| Record::Share(Box::new(s.clone())).encode(&fields))
+        .collect();
+    let bytes: usize = encoded.iter().map(Vec::len).sum();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    for e in &encoded {
+        std::io::Write::write_all(&mut gz, e).unwrap();
+    }
+    let compressed = gz.finish().unwrap().len();
+    let json: usize = all.iter().map(Vec::len).sum();
+    eprintln!(
+        "merge: {events} valid events of {} messages; shares {:.1} bytes/event ({:.1} gzip fast), input JSON {:.1} bytes/message",
+        all.len(),
+        bytes as f64 / events as f64,
+        compressed as f64 / events as f64,
+        json as f64 / all.len() as f64
+    );
+    let mut g = c.benchmark_group("merge");
+    g.throughput(Throughput::Elements(events as u64));
+    g.bench_function("encode 6 shares of 100k", |b| {
+        b.iter(|| {
+            shares
+                .iter()
+                .map(|s| Record::Share(Box::new(s.clone())).encode(&fields).len())
+                .sum::<usize>()
+        })
+    });
+    g.bench_function("decode 6 shares of 100k", |b| {
+        b.iter(|| {
+            encoded
+                .iter()
+                .map(|e| match Record::decode(e).unwrap() {
+                    Record::Share(s) => s.columns.len(),
+                    Record::Progress(_) => 0,
+                })
+                .sum::<usize>()
+        })
+    });
+    g.bench_function("merge 6 shares of 100k", |b| {
+        b.iter(|| {
+            let mut m = Merger::new(6, &MergeState::default());
+            for (i, s) in shares.iter().enumerate() {
+                m.add(s.clone(), i as u64);
+                m.progress(Progress {
+                    partition: i as i32,
+                    closed_ms: 10_000,
+                });
+            }
+            black_box(m.complete(Instant::now()))
+        })
+    });
+    g.finish();
+}
+
 fn bench_pipeline(c: &mut Criterion) {
     use rdkafka::mocking::MockCluster;
     use std::sync::atomic::Ordering;
@@ -308,6 +405,7 @@ criterion_group!(
     bench_analysis_jobs,
     bench_core,
     bench_packet,
+    bench_merge,
     bench_pipeline
 );
 criterion_main!(benches);

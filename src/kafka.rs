@@ -369,7 +369,8 @@ fn canonical(path: &Path) -> PathBuf {
 }
 
 /// The host's name (empty when it cannot be read).
-fn host_name() -> String {
+/// The host name (a container's is its id unless set), or empty.
+pub fn host_name() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: a writable buffer of the length given; gethostname writes at
     // most that many bytes.

@@ -27,6 +27,11 @@
 //!    partitions' checkpoints. Nothing is lost; a replay carries the same
 //!    packet ids.
 //!
+//! 5. [`scale`], when a group's instances merge their windows: stage 1 sends
+//!    each partition's share of a window to the shares topic instead of a
+//!    packet; stage 2 merges the shares of each window and hands the
+//!    result to delivery.
+//!
 //! Below the stages: [`work`], the units that cross them; [`settings`], the
 //! reader of the layered configuration, whose sections live with what they
 //! configure; [`values`], the forms of configuration values they share; [`kafka`], every librdkafka client configuration;
@@ -48,6 +53,7 @@ pub mod work;
 
 pub mod commit;
 pub mod core;
+pub mod scale;
 pub mod sink;
 pub mod source;
 

@@ -26,11 +26,13 @@ use crate::commit::ledger::Transactions;
 use crate::commit::recovery;
 use crate::core::event::{ErrorKind, Requirements};
 use crate::core::grouping::arrival::Limits;
+use crate::core::grouping::split::{GroupView, Split};
 use crate::core::grouping::window::{LatePolicy, WindowConfig, Windower};
 use crate::core::grouping::{Arrival, Grouping};
 use crate::core::packet::{Identity, Packet};
 use crate::core::privacy::Pseudonymizer;
 use crate::kafka;
+use crate::scale::{self, merging, merging::MergeStage, shares::SharesOut};
 use crate::settings::{BatchMode, Guarantee, LateSetting, Settings};
 use crate::sink::delivery::{Ack, Delivery, PacketHook};
 use crate::sink::metrics_log::MetricsLog;
@@ -233,13 +235,35 @@ impl Pipeline {
             (_, _, store) => store,
         };
 
+        // Merged windows (`scale.merge`): the shares topic, and the furthest
+        // window end the group has closed, which the merge stage reports to
+        // the partitions read here.
+        let merge = match s.scale.merge {
+            true => {
+                let topic = s.scale.shares_topic(&s.kafka.group_id);
+                let partitions = scale::ensure_shares_topic(&s.kafka, &topic).await?;
+                let (k, input) = (s.kafka.clone(), s.kafka.input_topic.clone());
+                let inputs =
+                    tokio::task::spawn_blocking(move || scale::partitions(&k, &input)).await??;
+                info!(shares_topic = %topic, partitions, input_partitions = inputs, "windows merged across the group's instances");
+                Some((topic, partitions, inputs, Arc::new(GroupView::default())))
+            }
+            false => None,
+        };
+
         // Capacity 1: the consumer fills the next work while delivery handles
         // this one, and waits rather than piling up work in memory.
         let (work_tx, work_rx) = mpsc::channel::<Work>(1);
         let (ack_tx, ack_rx) = std_mpsc::channel::<Ack>();
         let (fields, timestamp) = s.events.required();
+        let grouping: Box<dyn Grouping> = match &merge {
+            Some((_, _, _, group)) => Box::new(
+                Split::new(window_config(&s), &s.kafka.input_topic).following(group.clone()),
+            ),
+            None => grouping(&s),
+        };
         let driver = Driver::new(
-            grouping(&s),
+            grouping,
             Requirements {
                 fields,
                 timestamp,
@@ -291,9 +315,63 @@ impl Pipeline {
             shutdown: shutdown.clone(),
             log_errors: LogLimit::new("metrics log errors", 5, Duration::from_secs(60)),
             outcomes: exactly_once.then(|| tokio::sync::Mutex::new(outcome_rx)),
+            shares: None,
         };
         let publisher = delivery.publisher.clone();
-        let delivery_task = tokio::spawn(delivery.run(work_rx, ack_tx));
+        let shutdown_merge = shutdown.child_token();
+        // Merged: this delivery publishes the merge stage's packets, and one
+        // more sends stage 1's shares.
+        let (delivery_task, merge_task) = match &merge {
+            None => (tokio::spawn(delivery.run(work_rx, ack_tx)), None),
+            Some((topic, partitions, inputs, group)) => {
+                let stage1 = Delivery {
+                    settings: s.clone(),
+                    publisher: publisher.clone(),
+                    metrics_log: None,
+                    privacy: delivery.privacy.clone(),
+                    identity: delivery.identity.clone(),
+                    progress: self.progress.clone(),
+                    on_packet: None,
+                    health: self.health.clone(),
+                    shutdown: shutdown.clone(),
+                    log_errors: LogLimit::new("metrics log errors", 5, Duration::from_secs(60)),
+                    outcomes: None,
+                    shares: Some(SharesOut {
+                        topic: Arc::from(topic.as_str()),
+                        partitions: *partitions,
+                        hop_ms: window_config(&s).hop.as_millis().max(1) as i64,
+                        fields: shares_fields(&s),
+                    }),
+                };
+                let (merged_tx, merged_rx) = mpsc::channel::<Work>(1);
+                let (merged_ack_tx, merged_ack_rx) = std_mpsc::channel::<Ack>();
+                let merged = tokio::spawn(delivery.run(merged_rx, merged_ack_tx));
+                let stage = MergeStage {
+                    kafka: s.kafka.clone(),
+                    topic: topic.clone(),
+                    inputs: *inputs as usize,
+                    to_delivery: merged_tx,
+                    acks: merged_ack_rx,
+                    group: group.clone(),
+                    shutdown: shutdown_merge.clone(),
+                };
+                let stop_all = shutdown.clone();
+                let merging = tokio::task::spawn_blocking(move || {
+                    let outcome = merging::run(stage);
+                    if let Err(e) = &outcome {
+                        // The service stops with it rather than read on
+                        // without publishing.
+                        error!(error = %e, "the merge stage stopped");
+                        stop_all.cancel();
+                    }
+                    outcome
+                });
+                (
+                    tokio::spawn(stage1.run(work_rx, ack_tx)),
+                    Some((merging, merged)),
+                )
+            }
+        };
 
         let progress_stop = CancellationToken::new();
         if self.log_progress {
@@ -312,6 +390,16 @@ impl Pipeline {
         .map_err(|e| anyhow!("the consumer thread panicked: {e}"))?;
         progress_stop.cancel();
         let _ = delivery_task.await;
+        if let Some((merging, merged)) = merge_task {
+            // The merge stage stops with the consumer (shutdown) and delivers
+            // what it handed over; it stops on its own on an error.
+            shutdown_merge.cancel();
+            let outcome = merging
+                .await
+                .map_err(|e| anyhow!("the merge thread panicked: {e}"))?;
+            let _ = merged.await;
+            outcome.map_err(|reason| anyhow!(reason))?;
+        }
         let flush_publisher = publisher.clone();
         tokio::task::spawn_blocking(move || flush_publisher.flush(Duration::from_secs(10)))
             .await
@@ -396,24 +484,35 @@ fn grouping(s: &Settings) -> Box<dyn Grouping> {
             max_span: b.max_span,
             max_wait: b.max_wait,
         })),
-        BatchMode::Window => Box::new(Windower::new(
-            WindowConfig {
-                size: b.max_span,
-                hop: b.hop.unwrap_or(b.max_span),
-                grace: b.grace,
-                idle: b.idle,
-                max_wait: b.max_wait,
-                max_events: b.max_events,
-                max_buffered: b.max_buffered,
-                max_dead_letters: b.max_events,
-                late: match b.late {
-                    LateSetting::Dlq => LatePolicy::DeadLetter,
-                    LateSetting::Drop => LatePolicy::Drop,
-                },
-            },
-            &s.kafka.input_topic,
-        )),
+        BatchMode::Window => Box::new(Windower::new(window_config(s), &s.kafka.input_topic)),
     }
+}
+
+/// The window rules of `[batch]`.
+fn window_config(s: &Settings) -> WindowConfig {
+    let b = &s.batch;
+    WindowConfig {
+        size: b.max_span,
+        hop: b.hop.unwrap_or(b.max_span),
+        grace: b.grace,
+        idle: b.idle,
+        max_wait: b.max_wait,
+        max_events: b.max_events,
+        max_buffered: b.max_buffered,
+        max_dead_letters: b.max_events,
+        late: match b.late {
+            LateSetting::Dlq => LatePolicy::DeadLetter,
+            LateSetting::Drop => LatePolicy::Drop,
+        },
+    }
+}
+
+/// The fields a share carries: those the slices name.
+fn shares_fields(s: &Settings) -> Vec<crate::core::event::Field> {
+    let mut fields: Vec<_> = s.analysis.slices.iter().flatten().copied().collect();
+    fields.sort_unstable_by_key(|f| f.index());
+    fields.dedup();
+    fields
 }
 
 /// How long the revocation callback may wait for work in flight: half of the

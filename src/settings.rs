@@ -34,6 +34,7 @@ pub use crate::core::event::EventSettings;
 pub use crate::core::grouping::settings::{BatchMode, BatchSettings, LateSetting};
 pub use crate::core::privacy::PrivacySettings;
 pub use crate::kafka::{Compression, KafkaSettings, OffsetReset};
+pub use crate::scale::ScaleSettings;
 pub use crate::sink::delivery::{DeliverySettings, Guarantee};
 pub use crate::sink::metrics_log::MetricsLogSettings;
 pub use crate::telemetry::{LogFormat, LogSettings, TelemetrySettings};
@@ -54,6 +55,7 @@ pub struct Settings {
     pub kafka: KafkaSettings,
     pub delivery: DeliverySettings,
     pub batch: BatchSettings,
+    pub scale: ScaleSettings,
     pub analysis: AnalysisSettings,
     pub events: EventSettings,
     pub metrics_log: MetricsLogSettings,
@@ -152,6 +154,7 @@ impl Settings {
         })?;
         coerce(&mut tree, defaults());
         let mut settings = deserialize(tree, &mut errors);
+        settings.metrics_log.expand_host(&crate::kafka::host_name());
         settings.validate(&mut errors);
         settings.read_key_file(&mut errors);
         match errors.problems.is_empty() {
@@ -186,6 +189,20 @@ impl Settings {
                         "must not exceed the producer's transaction.timeout.ms ({} ms) with delivery.guarantee = \"exactly_once\": a record may not outlive its transaction",
                         txn.as_millis()
                     ),
+                );
+            }
+        }
+        if self.scale.merge {
+            if self.batch.mode != BatchMode::Window {
+                f.add(
+                    "scale.merge",
+                    "needs batch.mode = \"window\": arrival batches are what one instance read, not a question about the data that several can answer together",
+                );
+            }
+            if self.delivery.guarantee == Guarantee::ExactlyOnce {
+                f.add(
+                    "scale.merge",
+                    "is not available with delivery.guarantee = \"exactly_once\" in this version: the merge stage commits at least once",
                 );
             }
         }
@@ -231,7 +248,7 @@ impl Settings {
             d(b.idle),
             self.events.required.join("+"),
             d(self.events.max_future),
-        )
+        ) + if self.scale.merge { ";merge" } else { "" }
     }
 
     /// The effective configuration as TOML, secrets redacted; it loads again.
@@ -389,6 +406,13 @@ fn coerce(value: &mut Value, default: &Value) {
                 *v = Value::from(n);
             }
         }
+        (v @ Value::String(_), Value::Bool(_)) => {
+            match v.as_str().map(|s| s.trim().to_ascii_lowercase()).as_deref() {
+                Some("true") => *v = Value::Bool(true),
+                Some("false") => *v = Value::Bool(false),
+                _ => {}
+            }
+        }
         (v @ Value::String(_), Value::Array(_)) => {
             let s = v.as_str().unwrap_or_default().trim().to_string();
             *v = match s.starts_with('[') {
@@ -484,6 +508,32 @@ fn deserialize(mut tree: Value, e: &mut ConfigError) -> Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn merged_windows_need_window_mode_and_at_least_once_naming_the_key() {
+        let env = |extra: &[(&str, &str)]| -> Vec<(String, String)> {
+            extra
+                .iter()
+                .map(|(k, v)| (format!("LOGIN_METRICS__{k}"), v.to_string()))
+                .collect()
+        };
+        let s = Settings::load_with_env(None, env(&[("SCALE__MERGE", "true")])).unwrap();
+        assert!(s.scale.merge, "a boolean from the environment");
+        assert!(s.packet_rules().ends_with(";merge"));
+        for bad in [
+            vec![("SCALE__MERGE", "true"), ("BATCH__MODE", "arrival")],
+            vec![
+                ("SCALE__MERGE", "true"),
+                ("DELIVERY__GUARANTEE", "exactly_once"),
+            ],
+        ] {
+            let e = Settings::load_with_env(None, env(&bad)).unwrap_err();
+            assert_eq!(e.problems.len(), 1, "{e}");
+            assert_eq!(e.problems[0].key, "scale.merge", "{e}");
+        }
+        let e = Settings::load_with_env(None, env(&[("SCALE__MERGE", "yes")])).unwrap_err();
+        assert_eq!(e.problems[0].key, "scale.merge", "{e}");
+    }
     use crate::core::event::Field;
     use std::time::Duration;
 

@@ -127,6 +127,12 @@ pub const REVOCATIONS_GIVEN_UP: &str = "login_metrics_revocations_given_up_total
 pub const WATERMARK: &str = "login_metrics_watermark_seconds";
 pub const TRANSACTION_SECONDS: &str = "login_metrics_transaction_commit_seconds";
 pub const TRANSACTIONS_ABORTED: &str = "login_metrics_transactions_aborted_total";
+pub const MERGE_PARTITIONS: &str = "login_metrics_merge_partitions";
+pub const MERGE_EVENTS_HELD: &str = "login_metrics_merge_events_held";
+pub const MERGE_WINDOWS_HELD: &str = "login_metrics_merge_windows_held";
+pub const MERGE_LAG: &str = "login_metrics_merge_lag_seconds";
+pub const SHARES_REPLAYED: &str = "login_metrics_shares_replayed_total";
+pub const SHARES_CONFLICTING: &str = "login_metrics_shares_conflicting_total";
 
 /// Counters of one run, shared with whoever watches it.
 #[derive(Debug, Default)]
@@ -344,6 +350,31 @@ fn describe() {
         TRANSACTIONS_ABORTED,
         "Exactly once: transactions aborted (a failure, or work given up at a revocation); their work is redone."
     );
+    describe_gauge!(
+        MERGE_PARTITIONS,
+        "scale.merge: shares partitions this instance merges (its share of the group's windows)."
+    );
+    describe_gauge!(
+        MERGE_EVENTS_HELD,
+        "scale.merge: valid events held in shares of windows not yet closed by every input partition."
+    );
+    describe_gauge!(
+        MERGE_WINDOWS_HELD,
+        "scale.merge: windows with shares held, waiting for the other input partitions."
+    );
+    describe_gauge!(
+        MERGE_LAG,
+        Unit::Seconds,
+        "scale.merge: how far the slowest input partition trails the furthest, in event time, over the shares partitions merged here."
+    );
+    describe_counter!(
+        SHARES_REPLAYED,
+        "scale.merge: shares read again (an input partition moved or restarted) and dropped."
+    );
+    describe_counter!(
+        SHARES_CONFLICTING,
+        "scale.merge: shares sent again with other content and dropped (the group's window settings changed)."
+    );
     describe_gauge!(BUILD_INFO, "Always 1; the version label names the build.");
 }
 
@@ -372,6 +403,8 @@ fn initialise() {
         EVENTS_REPLAYED,
         REVOCATIONS_GIVEN_UP,
         TRANSACTIONS_ABORTED,
+        SHARES_REPLAYED,
+        SHARES_CONFLICTING,
     ] {
         metrics::counter!(name).increment(0);
     }
@@ -384,6 +417,10 @@ fn initialise() {
         PARTITIONS_PAUSED,
         CONSUMPTION_HELD,
         UPTIME,
+        MERGE_PARTITIONS,
+        MERGE_EVENTS_HELD,
+        MERGE_WINDOWS_HELD,
+        MERGE_LAG,
     ] {
         metrics::gauge!(name).set(0.0);
     }

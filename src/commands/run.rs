@@ -38,7 +38,10 @@ pub async fn run(s: Settings, range: Option<Range>, shutdown: CancellationToken)
     }
     if let Some(addr) = s.telemetry.listen {
         let dashboard = Dashboard::new(&s);
-        pipeline = dashboard.watch(pipeline);
+        pipeline = match s.scale.merge {
+            true => dashboard.watch_group(pipeline, &s.kafka, shutdown.clone()),
+            false => dashboard.watch(pipeline),
+        };
         if let Some(warning) = Dashboard::exposure_warning(&s) {
             warn!("{warning}");
         }

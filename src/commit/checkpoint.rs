@@ -623,6 +623,7 @@ impl CheckpointStore {
                     ),
                     headers: Vec::new(),
                     reducible: false,
+                    partition: None,
                 }
             })
             .collect()
@@ -637,6 +638,7 @@ impl CheckpointStore {
             payload: std::sync::Arc::from(logged_value(packets).into_bytes()),
             headers: Vec::new(),
             reducible: false,
+            partition: None,
         }
     }
 

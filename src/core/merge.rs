@@ -140,12 +140,25 @@ pub enum Added {
 
 /// The merger's position, stored with each commit of the internal topic:
 /// what the records before the committed offset said.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct MergeState {
     /// Per input partition, [`Progress::closed_ms`].
     pub closed: Vec<Option<i64>>,
     /// Windows still open with panes merged: `(start_ms, end_ms, next pane)`.
     pub merged: Vec<(i64, i64, u32)>,
+}
+
+impl MergeState {
+    /// The state as an offset commit's metadata: compact JSON (brokers take
+    /// `offset.metadata.max.bytes`, 4096 by default).
+    pub fn to_metadata(&self) -> String {
+        serde_json::to_string(self).expect("a merge state serializes")
+    }
+
+    /// The state in a commit's metadata; `None` for none or another form.
+    pub fn from_metadata(text: &str) -> Option<MergeState> {
+        serde_json::from_str(text).ok()
+    }
 }
 
 struct Open {

@@ -37,6 +37,7 @@ use crate::core::analysis;
 use crate::core::event::ErrorKind;
 use crate::core::packet::{self, Identity, Packet};
 use crate::core::privacy::{DeadLetters, Pseudonymizer};
+use crate::scale::shares::SharesOut;
 use crate::settings::Settings;
 use crate::sink::metrics_log::MetricsLog;
 use crate::sink::publisher::{Limits, OutRecord, Publisher};
@@ -83,6 +84,9 @@ pub struct Delivery {
     /// commit path ([`crate::commit::ledger::Transactions`]). `None`: at
     /// least once.
     pub outcomes: Option<tokio::sync::Mutex<mpsc::UnboundedReceiver<Outcome>>>,
+    /// Stage 1 of a merged group ([`crate::scale`]): each work's windows
+    /// go to the shares topic as shares, not analysed into packets.
+    pub shares: Option<SharesOut>,
 }
 
 /// The most valid events and dead letters delivery holds beyond the work
@@ -125,6 +129,8 @@ fn held_events(work: &Work) -> usize {
 struct Built {
     /// Each packet with its JSON.
     packets: Vec<(Packet, String)>,
+    /// Stage 1 of a merged group: the work's shares and progress.
+    internal: Vec<OutRecord>,
     dead_letter_records: Vec<OutRecord>,
     dead_letters: Vec<InvalidMessage>,
     commit: Vec<CommitPoint>,
@@ -278,6 +284,7 @@ impl Delivery {
         let dlq: Option<Arc<str>> = Some(self.settings.kafka.dlq_topic.as_str())
             .filter(|t| !t.is_empty())
             .map(Arc::from);
+        let shares = self.shares.clone();
         let (built, batches) = tokio::task::spawn_blocking(move || {
             // Pseudonymizing a dead letter parses its payload: here, with the
             // analysis, rather than on the consumer thread or an async worker.
@@ -285,6 +292,7 @@ impl Delivery {
                 settings.privacy.dead_letters == DeadLetters::Pseudonymized && privacy.is_active();
             let columns: Vec<&Columns> = job
                 .iter()
+                .filter(|_| shares.is_none())
                 .flat_map(|w| w.batches.iter().map(|b| &b.columns))
                 .collect();
             let batches = columns.len();
@@ -292,7 +300,11 @@ impl Delivery {
                 analysis::analyze_many(&columns, &settings.analysis.slices, settings.analysis.top)?
                     .into_iter();
             let mut built = Vec::with_capacity(job.len());
-            for work in job {
+            for mut work in job {
+                let internal = match &shares {
+                    Some(out) => out.records(&mut work),
+                    None => Vec::new(),
+                };
                 let Work {
                     batches,
                     dead_letters,
@@ -343,6 +355,7 @@ impl Delivery {
                 }
                 built.push(Built {
                     packets,
+                    internal,
                     dead_letter_records,
                     dead_letters,
                     commit,
@@ -372,6 +385,7 @@ impl Delivery {
         let mut lines = Vec::new();
         let mut packets = Vec::new();
         for work in built {
+            records.append(&mut work.internal);
             for (packet, json) in &work.packets {
                 packets.push(records.len());
                 records.push(OutRecord {
@@ -380,6 +394,7 @@ impl Delivery {
                     payload: Arc::from(json.as_bytes()),
                     headers: vec![("content-type", b"application/json".to_vec())],
                     reducible: false,
+                    partition: None,
                 });
                 lines.push(json.clone());
             }

@@ -306,6 +306,18 @@ pub struct MetricsLogSettings {
 const MAX_KEEP: u64 = 1000;
 
 impl MetricsLogSettings {
+    /// Replaces `{host}` in the path with `host`: instances started from
+    /// one configuration on several hosts or containers (`docker compose up
+    /// --scale`) each get a metrics log of their own.
+    pub fn expand_host(&mut self, host: &str) {
+        if let Some(p) = &self.path {
+            let text = p.to_string_lossy();
+            if text.contains("{host}") {
+                self.path = Some(PathBuf::from(text.replace("{host}", host)));
+            }
+        }
+    }
+
     pub fn check(&self, f: &mut crate::values::Findings) {
         let max = crate::values::MAX_INT;
         f.bounded("metrics_log.max_bytes", self.max_bytes, 1, max);

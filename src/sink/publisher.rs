@@ -51,6 +51,8 @@ pub struct OutRecord {
     pub headers: Vec<(&'static str, Vec<u8>)>,
     /// A dead letter may be reduced when the broker will never take it whole.
     pub reducible: bool,
+    /// The partition it goes to; `None`: the partitioner's choice by key.
+    pub partition: Option<i32>,
 }
 
 /// The payload kept of a dead letter that is too large to deliver whole
@@ -219,6 +221,7 @@ impl OutRecord {
             payload: Arc::from(m.payload.as_slice()),
             headers: dead_letter_headers(m),
             reducible: true,
+            partition: None,
         }
     }
 
@@ -260,6 +263,7 @@ impl OutRecord {
             payload,
             headers,
             reducible: true,
+            partition: None,
         }
     }
 
@@ -590,6 +594,9 @@ impl Publisher {
                 .headers(headers);
             if let Some(key) = &r.key {
                 record = record.key(&key[..]);
+            }
+            if let Some(p) = r.partition {
+                record = record.partition(p);
             }
             match self.producer.send_result(record) {
                 Ok(fut) => return Ok(fut),
@@ -993,6 +1000,7 @@ mod tests {
             payload: Arc::from(vec![b'{'; limits.packet_bytes()]),
             headers: vec![("content-type", b"application/json".to_vec())],
             reducible: false,
+            partition: None,
         };
         assert!(packet.wire_size() <= limits.output);
     }

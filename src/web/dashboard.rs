@@ -472,6 +472,21 @@ impl Dashboard {
             .on_packet(move |p| store.push(p))
     }
 
+    /// [`Dashboard::watch`] for an instance of a merged group
+    /// (`scale.merge`): its progress and health, and every packet the group
+    /// publishes, read from the output topic ([`crate::web::group`]) until
+    /// `stop`.
+    pub fn watch_group(
+        &self,
+        pipeline: Pipeline,
+        kafka: &crate::kafka::KafkaSettings,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> Pipeline {
+        let (store, k) = (self.store.clone(), kafka.clone());
+        std::thread::spawn(move || crate::web::group::follow(&k, store, RECENT_PACKETS, stop));
+        pipeline.sharing(self.progress.clone(), self.health.clone())
+    }
+
     pub fn health(&self) -> Arc<Health> {
         self.health.clone()
     }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use login_metrics::commit::checkpoint::{self, Checkpoint, Restore};
 use login_metrics::commit::ledger::Carry;
 use login_metrics::core::event::{ErrorKind, Field, InvalidEvent, LoginEvent, FIELD_COUNT};
-use login_metrics::core::grouping::split::{Split, NO_BOUND};
+use login_metrics::core::grouping::split::{GroupView, Split};
 use login_metrics::core::grouping::window::{LatePolicy, WindowConfig, Windower};
 use login_metrics::core::grouping::Grouping;
 use login_metrics::core::merge::{progress_of, route, Added, MergeState, Merger, Share};
@@ -734,7 +734,7 @@ proptest! {
             );
         }
 
-        let group = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(NO_BOUND));
+        let group = std::sync::Arc::new(GroupView::default());
         let mut split = Split::new(cfg(hop_s), "user-login").following(group.clone());
         for p in 0..n {
             split.assign(p as i32, None, None, t0);
@@ -770,7 +770,7 @@ proptest! {
         // The group's bound, as the merge stage reports it, until nothing moves.
         for k in 5..12 {
             if let Some(f) = mergers.iter().filter_map(Merger::furthest).max() {
-                group.store(f, std::sync::atomic::Ordering::Relaxed);
+                group.furthest.store(f, std::sync::atomic::Ordering::Relaxed);
             }
             let at = t0 + Duration::from_secs(3601 * k);
             let works = split.take_work(at);

@@ -3,8 +3,8 @@
 //! SIGTERM, several instances, rebalances, restarts under static group
 //! membership, windows, the checkpoint topic, packets and dead letters
 //! larger than their topics take, a secured listener, scaling down in
-//! window mode, and exactly once (transactions) under kill -9 and against a
-//! resumed zombie.
+//! window mode, exactly once (transactions) under kill -9 and against a
+//! resumed zombie, and windows merged across a group's instances.
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -13,6 +13,7 @@ mod checkpoints;
 mod end_to_end;
 mod exactly_once;
 mod live;
+mod merged;
 mod oversize;
 mod restart;
 mod scale;

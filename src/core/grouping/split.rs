@@ -22,6 +22,15 @@
 //! at its position ([`Windower::follow`]); its later events for those
 //! windows are late, exactly as after a wait. Without it, the windows after
 //! a quiet partition's last event would wait for it for ever.
+//!
+//! **Alignment across the group.** A merger holds a window's shares until
+//! every partition has closed it, so a partition far ahead of the slowest
+//! one (another instance's, a backlog read faster) would fill it with
+//! windows. A partition here whose closed windows run more than
+//! [`LEAD_WINDOWS`] windows past the group's slowest partition is paused
+//! until the slowest is within half of that: the merge stage holds at most
+//! that many windows per partition ahead, however far apart the instances
+//! are. The slowest partition is never paused, so the group always moves.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -39,13 +48,37 @@ pub struct Split {
     parts: BTreeMap<i32, Windower>,
     next_seq: u64,
     next_batch: u64,
-    /// The furthest window end the group has closed ([`NO_BOUND`]: none
-    /// known yet), set by the merge stage.
-    group: Arc<AtomicI64>,
+    group: Arc<GroupView>,
+    /// Partitions paused for running ahead of the group.
+    ahead: Vec<i32>,
+    flows: Vec<Flow>,
 }
 
-/// The group bound's value while nothing is known.
+/// A bound's value while nothing is known.
 pub const NO_BOUND: i64 = i64::MIN;
+
+/// How many windows a partition's closed windows may run past the group's
+/// slowest partition before it is paused.
+pub const LEAD_WINDOWS: i64 = 6;
+
+/// What the merge stage knows of the whole group, for the partitions read
+/// here: window ends, epoch milliseconds, [`NO_BOUND`] while unknown.
+#[derive(Debug)]
+pub struct GroupView {
+    /// The furthest window end any input partition has closed.
+    pub furthest: AtomicI64,
+    /// The least window end every input partition has closed.
+    pub slowest: AtomicI64,
+}
+
+impl Default for GroupView {
+    fn default() -> GroupView {
+        GroupView {
+            furthest: AtomicI64::new(NO_BOUND),
+            slowest: AtomicI64::new(NO_BOUND),
+        }
+    }
+}
 
 impl Split {
     pub fn new(cfg: WindowConfig, topic: &str) -> Split {
@@ -55,14 +88,37 @@ impl Split {
             parts: BTreeMap::new(),
             next_seq: 0,
             next_batch: 0,
-            group: Arc::new(AtomicI64::new(NO_BOUND)),
+            group: Arc::default(),
+            ahead: Vec::new(),
+            flows: Vec::new(),
         }
     }
 
-    /// Follows `group`, the furthest window end the group has closed.
-    pub fn following(mut self, group: Arc<AtomicI64>) -> Split {
+    /// Follows `group`, what the merge stage knows of the group.
+    pub fn following(mut self, group: Arc<GroupView>) -> Split {
         self.group = group;
         self
+    }
+
+    /// Pauses the partitions that run too far ahead of the group's slowest,
+    /// and resumes those it has come close enough to.
+    fn align(&mut self) {
+        let slowest = self.group.slowest.load(Ordering::Relaxed);
+        if slowest == NO_BOUND {
+            return;
+        }
+        let lead = LEAD_WINDOWS * self.cfg.size.as_millis().max(1) as i64;
+        for (&p, w) in &self.parts {
+            let closed = w.closed_through().unwrap_or(NO_BOUND);
+            let paused = self.ahead.contains(&p);
+            if !paused && closed > slowest.saturating_add(lead) {
+                self.ahead.push(p);
+                self.flows.push(Flow::Pause(p));
+            } else if paused && closed <= slowest.saturating_add(lead / 2) {
+                self.ahead.retain(|q| *q != p);
+                self.flows.push(Flow::Resume(p));
+            }
+        }
     }
 
     /// The windower of `partition`, made (from nothing stored) for a message
@@ -121,7 +177,8 @@ impl Grouping for Split {
     }
 
     fn take_work(&mut self, now: Instant) -> Vec<Work> {
-        let group = self.group.load(Ordering::Relaxed);
+        self.align();
+        let group = self.group.furthest.load(Ordering::Relaxed);
         self.each(|w| {
             if group != NO_BOUND {
                 // A quiet partition only: the wall-clock rules go first.
@@ -148,6 +205,7 @@ impl Grouping for Split {
 
     fn reset(&mut self) {
         self.parts.clear();
+        self.ahead.clear();
     }
 
     fn uses_checkpoints(&self) -> bool {
@@ -167,10 +225,9 @@ impl Grouping for Split {
     }
 
     fn take_flows(&mut self) -> Vec<Flow> {
-        self.parts
-            .values_mut()
-            .flat_map(Windower::take_flows)
-            .collect()
+        let mut flows = std::mem::take(&mut self.flows);
+        flows.extend(self.parts.values_mut().flat_map(Windower::take_flows));
+        flows
     }
 
     fn hold(&mut self, held: bool, now: Instant) {
@@ -186,7 +243,11 @@ impl Grouping for Split {
     }
 
     fn paused(&self) -> Vec<i32> {
-        self.parts.values().flat_map(Windower::paused).collect()
+        let mut paused: Vec<i32> = self.parts.values().flat_map(Windower::paused).collect();
+        paused.extend(&self.ahead);
+        paused.sort_unstable();
+        paused.dedup();
+        paused
     }
 
     fn stats(&self) -> Stats {
@@ -199,5 +260,78 @@ impl Grouping for Split {
         }
         s.watermark = self.parts.values().map(Windower::watermark).min().flatten();
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::event::{Field, FIELD_COUNT};
+    use crate::core::grouping::window::LatePolicy;
+    use std::borrow::Cow;
+    use std::time::Duration;
+
+    const S: i64 = 1_000;
+
+    fn cfg() -> WindowConfig {
+        WindowConfig {
+            size: Duration::from_secs(10),
+            hop: Duration::from_secs(10),
+            grace: Duration::from_secs(0),
+            idle: Duration::from_secs(3600),
+            max_wait: Duration::from_secs(3600),
+            max_events: usize::MAX,
+            max_buffered: usize::MAX,
+            max_dead_letters: usize::MAX,
+            late: LatePolicy::DeadLetter,
+        }
+    }
+
+    fn push(g: &mut Split, partition: i32, offset: i64, ts: i64, now: Instant) {
+        let mut fields: [Option<Cow<str>>; FIELD_COUNT] = Default::default();
+        fields[Field::UserId.index()] = Some(Cow::Borrowed("u"));
+        let ev = LoginEvent {
+            fields,
+            timestamp_ms: Some(ts),
+        };
+        let m = Message {
+            topic: "user-login",
+            partition,
+            offset,
+            key: None,
+            payload: b"{}",
+            timestamp_ms: None,
+        };
+        g.push_event(&m, &ev, now);
+    }
+
+    #[test]
+    fn a_partition_far_ahead_of_the_groups_slowest_pauses_until_it_comes_close() {
+        let now = Instant::now();
+        let view = Arc::new(GroupView::default());
+        let mut g = Split::new(cfg(), "user-login").following(view.clone());
+        g.assign(0, None, None, now);
+        g.assign(1, None, None, now);
+        // Partition 0 closes windows up to 100 s; partition 1 up to 20 s.
+        push(&mut g, 0, 0, 0, now);
+        push(&mut g, 0, 1, 100 * S, now);
+        push(&mut g, 1, 0, 0, now);
+        push(&mut g, 1, 1, 20 * S, now);
+        g.take_work(now);
+        assert!(g.take_flows().is_empty(), "nothing known of the group yet");
+        // The group's slowest partition has closed windows up to 20 s: 0 is
+        // eight windows past it, more than the lead; 1 is not.
+        view.slowest.store(20 * S, Ordering::Relaxed);
+        g.take_work(now);
+        assert_eq!(g.take_flows(), [Flow::Pause(0)]);
+        assert_eq!(g.paused(), [0]);
+        // Within the lead but not half of it: still paused.
+        view.slowest.store(60 * S, Ordering::Relaxed);
+        g.take_work(now);
+        assert!(g.take_flows().is_empty());
+        view.slowest.store(70 * S, Ordering::Relaxed);
+        g.take_work(now);
+        assert_eq!(g.take_flows(), [Flow::Resume(0)]);
+        assert!(g.paused().is_empty());
     }
 }

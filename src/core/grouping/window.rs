@@ -831,6 +831,11 @@ impl Windower {
         self.next_check
     }
 
+    /// Windows ending at or before this are closed here.
+    pub fn closed_through(&self) -> Option<i64> {
+        self.closed_through
+    }
+
     /// Whether the input has gone quiet here: no window open, nothing read
     /// for `max_wait` (held time aside), no recorded closure still to reach.
     pub fn quiet(&self, now: Instant) -> bool {
