@@ -264,6 +264,8 @@ fn bench_merge(c: &mut Criterion) {
                     end_ms: 10_000,
                     pane: 0,
                 },
+                part: 0,
+                parts: 1,
                 source: SourceRange {
                     topic: Arc::from("user-login"),
                     partition: p as i32,

@@ -200,6 +200,18 @@ impl Columns {
         c
     }
 
+    /// The events at `rows`, as columns of their own.
+    pub fn rows(&self, rows: std::ops::Range<usize>) -> Columns {
+        let mut c = Columns::default();
+        for (to, from) in c.strings.iter_mut().zip(&self.strings) {
+            for i in rows.clone() {
+                to.push(from.get(i));
+            }
+        }
+        c.timestamps_ms = self.timestamps_ms[rows].to_vec();
+        c
+    }
+
     /// Appends `other`'s events after this batch's.
     pub fn append(&mut self, other: &Columns) {
         for (a, b) in self.strings.iter_mut().zip(&other.strings) {

@@ -26,6 +26,9 @@
 //!   window go first. The merged batch carries every share's offset range,
 //!   so its `packet_id` ([`crate::core::packet::Identity::window_packet_id`])
 //!   is the one a single instance reading all partitions gives.
+//! - **A large share travels in parts.** A share is split by rows into parts
+//!   small enough for one Kafka record each ([`Share::split`]); a share
+//!   counts as sent once all its parts are held.
 //! - **A share comes at least once.** A partition that moves or restarts
 //!   sends again what its last commit did not cover; a share of a pane the
 //!   merger holds or has merged is dropped as a duplicate, and one of a
@@ -48,6 +51,9 @@ use crate::work::{Batch, CloseReason, Columns, SourceRange, WindowId, Work};
 #[derive(Debug, Clone)]
 pub struct Share {
     pub window: WindowId,
+    /// Which part of the share this is, and of how many (0 of 1: whole).
+    pub part: u32,
+    pub parts: u32,
     pub source: SourceRange,
     pub ts_min_ms: Option<i64>,
     pub ts_max_ms: Option<i64>,
@@ -70,6 +76,8 @@ impl Share {
         let [source] = <[SourceRange; 1]>::try_from(batch.sources).ok()?;
         Some(Share {
             window,
+            part: 0,
+            parts: 1,
             source,
             ts_min_ms: batch.ts_min_ms,
             ts_max_ms: batch.ts_max_ms,
@@ -84,10 +92,38 @@ impl Share {
         self.source.partition
     }
 
+    /// The share in `n` parts of consecutive rows (at least one row each),
+    /// each carrying the share's header.
+    pub fn split(self, n: usize) -> Vec<Share> {
+        let rows = self.columns.len();
+        let n = n.clamp(1, rows.max(1));
+        if n == 1 {
+            return vec![self];
+        }
+        let per = rows.div_ceil(n);
+        let parts = rows.div_ceil(per);
+        (0..parts)
+            .map(|i| Share {
+                window: self.window,
+                part: i as u32,
+                parts: parts as u32,
+                source: self.source.clone(),
+                ts_min_ms: self.ts_min_ms,
+                ts_max_ms: self.ts_max_ms,
+                invalid_by_kind: self.invalid_by_kind,
+                late: self.late,
+                closed_by: self.closed_by,
+                columns: self.columns.rows(i * per..((i + 1) * per).min(rows)),
+            })
+            .collect()
+    }
+
     /// Whether `other` is this share sent again: same pane, offsets and
     /// counts. Shares are a function of the input, so a replay matches.
     fn same_as(&self, other: &Share) -> bool {
         self.window == other.window
+            && self.part == other.part
+            && self.parts == other.parts
             && self.source == other.source
             && self.columns.len() == other.columns.len()
             && self.ts_min_ms == other.ts_min_ms
@@ -162,9 +198,37 @@ impl MergeState {
 }
 
 struct Open {
-    /// By pane, then input partition: the share and its position.
-    shares: BTreeMap<(u32, i32), (Share, u64)>,
+    /// By pane, input partition and part: the share's parts and positions.
+    shares: BTreeMap<(u32, i32, u32), (Share, u64)>,
     next_pane: u32,
+}
+
+impl Open {
+    /// Whether every part of partition `p`'s share of pane `k` is held.
+    fn has(&self, k: u32, p: i32) -> bool {
+        let mut held = self.shares.range((k, p, 0)..=(k, p, u32::MAX));
+        match held.next() {
+            Some((_, (first, _))) => 1 + held.count() == first.parts as usize,
+            None => false,
+        }
+    }
+
+    /// Whether some part of partition `p`'s share of pane `k` is held: then
+    /// the pane waits for all of them, whatever the partition's progress.
+    fn holds_part(&self, k: u32, p: i32) -> bool {
+        self.shares
+            .range((k, p, 0)..=(k, p, u32::MAX))
+            .next()
+            .is_some()
+    }
+
+    /// Whether any part of any share of pane `k` is held.
+    fn any_of(&self, k: u32) -> bool {
+        self.shares
+            .range((k, i32::MIN, 0)..=(k, i32::MAX, u32::MAX))
+            .next()
+            .is_some()
+    }
 }
 
 /// The merge of the windows routed to one internal partition.
@@ -225,13 +289,18 @@ impl Merger {
         if share.window.pane < open.next_pane {
             return Added::Duplicate;
         }
-        match open.shares.get(&(share.window.pane, p)) {
+        let key = (share.window.pane, p, share.part);
+        let other_split = open
+            .shares
+            .range((key.0, p, 0)..=(key.0, p, u32::MAX))
+            .any(|(_, (s, _))| s.parts != share.parts);
+        match open.shares.get(&key) {
             Some((held, _)) if held.same_as(&share) => Added::Duplicate,
             Some(_) => Added::Conflict,
+            None if other_split || share.part >= share.parts => Added::Conflict,
             None => {
                 self.held_events += share.columns.len();
-                open.shares
-                    .insert((share.window.pane, p), (share, position));
+                open.shares.insert(key, (share, position));
                 Added::Held
             }
         }
@@ -254,32 +323,42 @@ impl Merger {
         let mut out = Vec::new();
         let mut done = Vec::new();
         for (&(start, end), open) in self.open.iter_mut() {
-            let closed_all = |k: Option<u32>, shares: &BTreeMap<(u32, i32), (Share, u64)>| {
-                (0..self.closed.len()).all(|p| {
-                    self.closed[p].is_some_and(|c| c >= end)
-                        || k.is_some_and(|k| shares.contains_key(&(k, p as i32)))
+            let closed_all = |k: Option<u32>, open: &Open| {
+                (0..self.closed.len()).all(|p| match k {
+                    Some(k) if open.holds_part(k, p as i32) => open.has(k, p as i32),
+                    _ => self.closed[p].is_some_and(|c| c >= end),
                 })
             };
             loop {
                 let k = open.next_pane;
-                let any = open.shares.range((k, i32::MIN)..).next().is_some();
+                let any = open.shares.range((k, i32::MIN, 0)..).next().is_some();
                 if !any {
-                    if closed_all(None, &open.shares) {
+                    if closed_all(None, open) {
                         done.push((start, end));
                     }
                     break;
                 }
-                let has_k = open
-                    .shares
-                    .range((k, i32::MIN)..=(k, i32::MAX))
-                    .next()
-                    .is_some();
-                if !has_k || !closed_all(Some(k), &open.shares) {
+                if !open.any_of(k) || !closed_all(Some(k), open) {
                     break;
                 }
-                let parts: Vec<Share> = (0..self.closed.len() as i32)
-                    .filter_map(|p| open.shares.remove(&(k, p)).map(|(s, _)| s))
-                    .collect();
+                // Each partition's share whole: its parts in order.
+                let mut parts: Vec<Share> = Vec::new();
+                for p in 0..self.closed.len() as i32 {
+                    let keys: Vec<(u32, i32, u32)> = open
+                        .shares
+                        .range((k, p, 0)..=(k, p, u32::MAX))
+                        .map(|(key, _)| *key)
+                        .collect();
+                    let mut whole: Option<Share> = None;
+                    for key in keys {
+                        let (s, _) = open.shares.remove(&key).expect("listed");
+                        match &mut whole {
+                            None => whole = Some(s),
+                            Some(w) => w.columns.append(&s.columns),
+                        }
+                    }
+                    parts.extend(whole);
+                }
                 self.held_events -= parts.iter().map(|s| s.columns.len()).sum::<usize>();
                 out.push(merged(parts, self.seq, now));
                 self.seq += 1;
@@ -420,6 +499,8 @@ impl Record {
                 put_i64(&mut w, s.window.start_ms);
                 put_i64(&mut w, s.window.end_ms);
                 put_u64(&mut w, s.window.pane as u64);
+                put_u64(&mut w, s.part as u64);
+                put_u64(&mut w, s.parts as u64);
                 put_str(&mut w, &s.source.topic);
                 put_i64(&mut w, s.source.partition as i64);
                 put_i64(&mut w, s.source.first_offset);
@@ -470,6 +551,11 @@ impl Record {
                     end_ms: r.i64()?,
                     pane: u32::try_from(r.u64()?).map_err(|_| r.bad("pane"))?,
                 };
+                let part = u32::try_from(r.u64()?).map_err(|_| r.bad("part"))?;
+                let parts = u32::try_from(r.u64()?).map_err(|_| r.bad("parts"))?;
+                if part >= parts {
+                    return Err(r.bad("part"));
+                }
                 let topic: Arc<str> = Arc::from(r.str()?);
                 let source = SourceRange {
                     topic,
@@ -519,6 +605,8 @@ impl Record {
                 }
                 Ok(Record::Share(Box::new(Share {
                     window,
+                    part,
+                    parts,
                     source,
                     ts_min_ms,
                     ts_max_ms,
@@ -657,6 +745,8 @@ mod tests {
                 end_ms: start + 10,
                 pane,
             },
+            part: 0,
+            parts: 1,
             source: SourceRange {
                 topic: Arc::from(TOPIC),
                 partition: p,
@@ -809,6 +899,27 @@ mod tests {
         let b = r.complete(now);
         assert_eq!(b.len(), 1);
         assert_eq!(b[0].window.unwrap().start_ms, 10);
+    }
+
+    #[test]
+    fn a_share_in_parts_counts_once_every_part_is_held() {
+        let now = Instant::now();
+        let mut m = Merger::new(1, &MergeState::default());
+        let parts = share(0, 0, 0, 0, &["a", "b", "c"]).split(2);
+        assert_eq!(parts.len(), 2);
+        assert_eq!(m.add(parts[1].clone(), 1), Added::Held);
+        assert_eq!(m.add(parts[1].clone(), 2), Added::Duplicate);
+        m.progress(progress(0, 10));
+        assert!(m.complete(now).is_empty(), "part 0 is missing");
+        assert_eq!(m.add(parts[0].clone(), 3), Added::Held);
+        let b = m.complete(now);
+        assert_eq!(users(&b[0]), ["a", "b", "c"]);
+        assert_eq!(m.held_events(), 0);
+        // A share split otherwise than one held is refused, never mixed.
+        let mut m = Merger::new(1, &MergeState::default());
+        m.add(share(0, 0, 0, 0, &["a", "b", "c"]).split(3)[0].clone(), 0);
+        let other = share(0, 0, 0, 0, &["a", "b", "c"]).split(2);
+        assert_eq!(m.add(other[1].clone(), 1), Added::Conflict);
     }
 
     #[test]

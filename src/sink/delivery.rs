@@ -129,8 +129,12 @@ fn held_events(work: &Work) -> usize {
 struct Built {
     /// Each packet with its JSON.
     packets: Vec<(Packet, String)>,
-    /// Stage 1 of a merged group: the work's shares and progress.
+    /// Stage 1 of a merged group: the work's shares.
     internal: Vec<OutRecord>,
+    /// Stage 1 of a merged group: the progress the work reports, sent once
+    /// every share before it is acknowledged (a retried share must never
+    /// land behind the progress that covers it).
+    progress: Vec<OutRecord>,
     dead_letter_records: Vec<OutRecord>,
     dead_letters: Vec<InvalidMessage>,
     commit: Vec<CommitPoint>,
@@ -301,9 +305,9 @@ impl Delivery {
                     .into_iter();
             let mut built = Vec::with_capacity(job.len());
             for mut work in job {
-                let internal = match &shares {
+                let (internal, progress) = match &shares {
                     Some(out) => out.records(&mut work),
-                    None => Vec::new(),
+                    None => (Vec::new(), Vec::new()),
                 };
                 let Work {
                     batches,
@@ -356,6 +360,7 @@ impl Delivery {
                 built.push(Built {
                     packets,
                     internal,
+                    progress,
                     dead_letter_records,
                     dead_letters,
                     commit,
@@ -412,6 +417,10 @@ impl Delivery {
                 format!("packet {} and {} more", first.packet_id, packets - 1)
             }
             Some((first, _)) => format!("packet {}", first.packet_id),
+            None if built.iter().any(|w| !w.internal.is_empty()) => {
+                let shares: usize = built.iter().map(|w| w.internal.len()).sum();
+                format!("{shares} share records and {dead_letters} dead letters")
+            }
             None => format!("{dead_letters} dead letters"),
         }
     }
@@ -424,6 +433,16 @@ impl Delivery {
         if !records.is_empty() {
             let what = Self::what(&built);
             self.publisher.deliver(&records).await.context(what)?;
+        }
+        let progress: Vec<OutRecord> = built
+            .iter_mut()
+            .flat_map(|w| std::mem::take(&mut w.progress))
+            .collect();
+        if !progress.is_empty() {
+            self.publisher
+                .deliver(&progress)
+                .await
+                .context("the progress records of the shares sent")?;
         }
 
         if let (Some(log), false) = (&self.metrics_log, lines.is_empty()) {

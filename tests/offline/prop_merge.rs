@@ -45,9 +45,16 @@ fn columns(events: &[Ev]) -> Columns {
 }
 
 /// A partition's records in the order its reader sends them: per window in
-/// order, its chunks of `max` events (in offset order), then, sometimes,
-/// its progress; the progress through the last window at the end.
-fn records(p: i32, events: &[Ev], max: usize, progress_after: &[bool]) -> Vec<Record> {
+/// order, its chunks of `max` events (in offset order), each in up to
+/// `split` parts, then, sometimes, its progress; the progress through the
+/// last window at the end.
+fn records(
+    p: i32,
+    events: &[Ev],
+    max: usize,
+    progress_after: &[bool],
+    split: usize,
+) -> Vec<Record> {
     let mut by_window: BTreeMap<u8, Vec<(i64, Ev)>> = BTreeMap::new();
     for (offset, e) in events.iter().enumerate() {
         by_window.entry(e.0).or_default().push((offset as i64, *e));
@@ -58,12 +65,14 @@ fn records(p: i32, events: &[Ev], max: usize, progress_after: &[bool]) -> Vec<Re
             for (k, chunk) in evs.chunks(max).enumerate() {
                 let evs: Vec<Ev> = chunk.iter().map(|c| c.1).collect();
                 let start = w as i64 * SIZE;
-                out.push(Record::Share(Box::new(Share {
+                let share = Share {
                     window: WindowId {
                         start_ms: start,
                         end_ms: start + SIZE,
                         pane: k as u32,
                     },
+                    part: 0,
+                    parts: 1,
                     source: SourceRange {
                         topic: Arc::from(TOPIC),
                         partition: p,
@@ -80,7 +89,10 @@ fn records(p: i32, events: &[Ev], max: usize, progress_after: &[bool]) -> Vec<Re
                         CloseReason::Watermark
                     },
                     columns: columns(&evs),
-                })));
+                };
+                for part in share.split(split) {
+                    out.push(Record::Share(Box::new(part)));
+                }
             }
         }
         if progress_after[w as usize] || w == WINDOWS - 1 {
@@ -213,6 +225,7 @@ proptest! {
         replays in proptest::collection::vec((0usize..120, 0usize..4, 1usize..4), 0..4),
         crashes in proptest::collection::vec(0usize..150, 0..3),
         commit_every in 1usize..7,
+        split in 1usize..4,
     ) {
         let now = Instant::now();
         let n = parts.len();
@@ -226,7 +239,7 @@ proptest! {
                 .iter()
                 .enumerate()
                 .map(|(p, events)| {
-                    records(p as i32, events, max, &progress_after)
+                    records(p as i32, events, max, &progress_after, split)
                         .into_iter()
                         .enumerate()
                         .filter(|(_, r)| match r {
@@ -301,7 +314,7 @@ proptest! {
         for s in 0..internals {
             let mut m = Merger::new(n, &MergeState::default());
             for (p, events) in parts.iter().enumerate().rev() {
-                for r in records(p as i32, events, usize::MAX, &[false; WINDOWS as usize]) {
+                for r in records(p as i32, events, usize::MAX, &[false; WINDOWS as usize], 2) {
                     match r {
                         Record::Share(sh) if route(&sh.window, SIZE, internals) == s => {
                             m.add(*sh, 0);
