@@ -51,6 +51,8 @@ pub struct Split {
     group: Arc<GroupView>,
     /// Partitions paused for running ahead of the group.
     ahead: Vec<i32>,
+    /// The service holds consumption back ([`Grouping::hold`]).
+    held: bool,
     flows: Vec<Flow>,
 }
 
@@ -90,6 +92,7 @@ impl Split {
             next_batch: 0,
             group: Arc::default(),
             ahead: Vec::new(),
+            held: false,
             flows: Vec::new(),
         }
     }
@@ -102,21 +105,27 @@ impl Split {
 
     /// Pauses the partitions that run too far ahead of the group's slowest,
     /// and resumes those it has come close enough to.
-    fn align(&mut self) {
+    ///
+    /// A paused partition's windower is held: the time it spends paused is
+    /// not silence, so it never follows the group meanwhile (that would make
+    /// its events late for a pause the service chose).
+    fn align(&mut self, now: Instant) {
         let slowest = self.group.slowest.load(Ordering::Relaxed);
         if slowest == NO_BOUND {
             return;
         }
         let lead = LEAD_WINDOWS * self.cfg.size.as_millis().max(1) as i64;
-        for (&p, w) in &self.parts {
+        for (&p, w) in self.parts.iter_mut() {
             let closed = w.closed_through().unwrap_or(NO_BOUND);
             let paused = self.ahead.contains(&p);
             if !paused && closed > slowest.saturating_add(lead) {
                 self.ahead.push(p);
                 self.flows.push(Flow::Pause(p));
+                w.hold(true, now);
             } else if paused && closed <= slowest.saturating_add(lead / 2) {
                 self.ahead.retain(|q| *q != p);
                 self.flows.push(Flow::Resume(p));
+                w.hold(self.held, now);
             }
         }
     }
@@ -177,7 +186,7 @@ impl Grouping for Split {
     }
 
     fn take_work(&mut self, now: Instant) -> Vec<Work> {
-        self.align();
+        self.align(now);
         let group = self.group.furthest.load(Ordering::Relaxed);
         self.each(|w| {
             if group != NO_BOUND {
@@ -231,8 +240,9 @@ impl Grouping for Split {
     }
 
     fn hold(&mut self, held: bool, now: Instant) {
-        for w in self.parts.values_mut() {
-            w.hold(held, now);
+        self.held = held;
+        for (p, w) in self.parts.iter_mut() {
+            w.hold(held || self.ahead.contains(p), now);
         }
     }
 
@@ -325,13 +335,22 @@ mod tests {
         g.take_work(now);
         assert_eq!(g.take_flows(), [Flow::Pause(0)]);
         assert_eq!(g.paused(), [0]);
+        // Paused, it is not silent: long after max_wait, with the group
+        // further on, it closes nothing for its later events.
+        view.furthest.store(500 * S, Ordering::Relaxed);
+        let later = now + Duration::from_secs(7200);
+        g.take_work(later);
+        assert_eq!(g.parts[&0].closed_through(), Some(100 * S));
         // Within the lead but not half of it: still paused.
+        // Partition 1, quiet and not held, did follow the group.
+        assert_eq!(g.parts[&1].closed_through(), Some(500 * S));
+        g.take_flows();
         view.slowest.store(60 * S, Ordering::Relaxed);
-        g.take_work(now);
-        assert!(g.take_flows().is_empty());
+        g.take_work(later);
+        assert!(!g.take_flows().contains(&Flow::Resume(0)));
         view.slowest.store(70 * S, Ordering::Relaxed);
-        g.take_work(now);
+        g.take_work(later);
         assert_eq!(g.take_flows(), [Flow::Resume(0)]);
-        assert!(g.paused().is_empty());
+        assert!(!g.paused().contains(&0));
     }
 }
