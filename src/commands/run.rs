@@ -30,6 +30,11 @@ pub async fn run(s: Settings, range: Option<Range>, shutdown: CancellationToken)
     s.kafka.instance_name = membership.instance_name().unwrap_or_default().to_string();
     info!(version = env!("CARGO_PKG_VERSION"), config = %s.redacted_summary(), "starting");
     info!(group = %s.kafka.group_id, instance = %s.kafka.instance_name, "{membership}");
+    if range.is_some() && s.scale.merge {
+        // The merge stage of a group outlives any one instance's range.
+        error!("scale.merge: a bounded run (--from/--until) reads its range alone; run it without scale.merge");
+        return ExitCode::from(2);
+    }
     let mut pipeline = Pipeline::new(s.clone()).log_progress(range.is_none());
     let meter_stop = CancellationToken::new();
     if let Some(range) = range {

@@ -132,7 +132,7 @@ pub fn run(stage: MergeStage) -> Result<(), String> {
         let part = match parts.entry(s) {
             std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::btree_map::Entry::Vacant(e) => {
-                let state = restore(&consumer, &topic, s);
+                let state = restore(&consumer, &topic, s)?;
                 info!(partition = s, offset, closed = ?state.closed, "merging a shares partition");
                 e.insert(Part {
                     merger: Merger::new(inputs, &state),
@@ -289,20 +289,47 @@ fn commit(
     }
 }
 
-/// The state committed with the partition's offset; none: a fresh start.
-fn restore(consumer: &BaseConsumer<KafkaContext>, topic: &str, partition: i32) -> MergeState {
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition(topic, partition);
-    match consumer.committed_offsets(tpl, Duration::from_secs(10)) {
-        Ok(c) => c
-            .find_partition(topic, partition)
-            .and_then(|e| MergeState::from_metadata(e.metadata()))
-            .unwrap_or_default(),
-        Err(e) => {
-            warn!(partition, error = %e, "cannot read the merge state committed; starting from none");
-            MergeState::default()
+/// The state committed with the partition's offset; none: a fresh start
+/// (nothing committed yet). A commit whose state cannot be read stops the
+/// stage rather than start from nothing: windows merged in part would never
+/// complete, and replayed shares would be merged a second time.
+fn restore(
+    consumer: &BaseConsumer<KafkaContext>,
+    topic: &str,
+    partition: i32,
+) -> Result<MergeState, String> {
+    let mut last = String::new();
+    for attempt in 0..5u32 {
+        if attempt > 0 {
+            std::thread::sleep(Duration::from_millis(500 << attempt));
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(topic, partition);
+        match consumer.committed_offsets(tpl, Duration::from_secs(10)) {
+            Ok(c) => {
+                let Some(e) = c.find_partition(topic, partition) else {
+                    return Ok(MergeState::default());
+                };
+                if !matches!(e.offset(), Offset::Offset(_)) {
+                    return Ok(MergeState::default());
+                }
+                return MergeState::from_metadata(e.metadata()).ok_or_else(|| {
+                    format!(
+                        "{topic} partition {partition}: the merge state committed with offset {:?} cannot be read ({:?}); was the group's shares topic committed by another program?",
+                        e.offset(),
+                        e.metadata()
+                    )
+                });
+            }
+            Err(e) => {
+                warn!(partition, attempt, error = %e, "cannot read the merge state committed yet");
+                last = e.to_string();
+            }
         }
     }
+    Err(format!(
+        "{topic} partition {partition}: cannot read the merge state committed: {last}"
+    ))
 }
 
 /// Drops the mergers of partitions no longer assigned: their state is in

@@ -32,6 +32,17 @@ fn run_refuses_a_bad_configuration_before_connecting() {
 }
 
 #[test]
+fn a_bounded_run_refuses_merged_windows_naming_the_setting() {
+    let (out, _, err) = run(bin()
+        .args(["run", "--until-end"])
+        .env("LOGIN_METRICS__SCALE__MERGE", "true")
+        .env("LOGIN_METRICS__TELEMETRY__LISTEN", "")
+        .env("LOGIN_METRICS__METRICS_LOG__PATH", ""));
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("scale.merge"), "{err}");
+}
+
+#[test]
 fn a_missing_config_file_is_named() {
     let (out, _, err) = run(bin().args(["config", "--config", "/nonexistent/lm.toml"]));
     assert_eq!(out.status.code(), Some(2));

@@ -230,6 +230,11 @@ proptest! {
         let now = Instant::now();
         let n = parts.len();
         let want = expected(&parts, max);
+        // Crashes after that many records read, in order.
+        let mut crashes = crashes;
+        crashes.retain(|c| *c > 0);
+        crashes.sort_unstable();
+        crashes.dedup();
         let mut merged: BTreeMap<(u8, u32), Vec<Pane>> = BTreeMap::new();
         for s in 0..internals {
             // Each input partition's records bound for this internal

@@ -623,6 +623,84 @@ fn run_grouping(g: &mut dyn Grouping, seqs: &[Seq], order: &[usize], t0: Instant
     works
 }
 
+/// What one reader of every partition emits of `seqs` read in `order`: the
+/// windows `keep` selects, and the late dead letters.
+type Emits = (BTreeMap<WindowId, Reported>, BTreeSet<(i32, i64)>);
+
+fn late_of(w: &Work) -> impl Iterator<Item = (i32, i64)> + '_ {
+    w.dead_letters
+        .iter()
+        .filter(|d| d.kind == ErrorKind::Late)
+        .map(|d| (d.partition, d.offset))
+}
+
+fn one_reader(
+    seqs: &[Seq],
+    order: &[usize],
+    hop_s: u64,
+    t0: Instant,
+    keep: &dyn Fn(&Batch) -> bool,
+) -> Result<Emits, TestCaseError> {
+    let (mut want, mut late) = (BTreeMap::new(), BTreeSet::new());
+    for w in run_grouping(&mut fresh(hop_s, seqs.len(), t0), seqs, order, t0) {
+        for b in w.batches.iter().filter(|b| keep(b)) {
+            prop_assert!(want.insert(b.window.unwrap(), reported(b)).is_none());
+        }
+        late.extend(late_of(&w));
+    }
+    Ok((want, late))
+}
+
+/// The mergers of one to three internal partitions, fed the works of a
+/// [`Split`] as the shell feeds them: each batch a share routed by window,
+/// then the work's progress to every merger.
+struct Merging {
+    mergers: Vec<Merger>,
+    hop_ms: i64,
+    got: BTreeMap<WindowId, Reported>,
+    late: BTreeSet<(i32, i64)>,
+}
+
+impl Merging {
+    fn new(partitions: usize, internals: i32, hop_s: u64) -> Merging {
+        Merging {
+            mergers: (0..internals)
+                .map(|_| Merger::new(partitions, &MergeState::default()))
+                .collect(),
+            hop_ms: hop_s as i64 * 1000,
+            got: BTreeMap::new(),
+            late: BTreeSet::new(),
+        }
+    }
+
+    fn deliver(
+        &mut self,
+        works: Vec<Work>,
+        t0: Instant,
+        keep: &dyn Fn(&Batch) -> bool,
+    ) -> Result<(), TestCaseError> {
+        let internals = self.mergers.len() as i32;
+        for w in works {
+            self.late.extend(late_of(&w));
+            let progress = progress_of(&w);
+            for b in w.batches {
+                let share = Share::from_batch(b).expect("a batch of one partition");
+                let s = route(&share.window, self.hop_ms, internals) as usize;
+                prop_assert_eq!(self.mergers[s].add(share, 0), Added::Held);
+            }
+            for m in &mut self.mergers {
+                for p in &progress {
+                    m.progress(*p);
+                }
+                for b in m.complete(t0).into_iter().filter(|b| keep(b)) {
+                    prop_assert!(self.got.insert(b.window.unwrap(), reported(&b)).is_none());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(300))]
 
@@ -652,59 +730,25 @@ proptest! {
             })
             .collect();
         let order = interleaving(&seqs, &picks);
-        let input = |w: &WindowId| w.end_ms <= ahead - 20_000;
-
-        let mut one = fresh(hop_s, n, t0);
-        let reference = run_grouping(&mut one, &seqs, &order, t0);
-        let mut want: BTreeMap<WindowId, Reported> = BTreeMap::new();
-        let mut want_late = BTreeSet::new();
-        for w in &reference {
-            for b in w.batches.iter().filter(|b| input(&b.window.unwrap())) {
-                prop_assert_eq!(b.closed_by, CloseReason::Watermark);
-                prop_assert!(want.insert(b.window.unwrap(), reported(b)).is_none());
-            }
-            want_late.extend(
-                w.dead_letters.iter().filter(|d| d.kind == ErrorKind::Late).map(|d| (d.partition, d.offset)),
-            );
-        }
+        // The windows of the input, each closed by watermark on both sides.
+        let keep = |b: &Batch| {
+            let kept = b.window.unwrap().end_ms <= ahead - 20_000;
+            assert!(!kept || b.closed_by == CloseReason::Watermark, "{:?} closed by {:?}", b.window, b.closed_by);
+            kept
+        };
+        let (want, want_late) = one_reader(&seqs, &order, hop_s, t0, &keep)?;
 
         let mut split = Split::new(cfg(hop_s), "user-login");
         for p in 0..n {
             split.assign(p as i32, None, None, t0);
         }
         let works = run_grouping(&mut split, &seqs, &order, t0);
-        let mut mergers: Vec<Merger> =
-            (0..internals).map(|_| Merger::new(n, &MergeState::default())).collect();
-        let mut got: BTreeMap<WindowId, Reported> = BTreeMap::new();
-        let mut got_late = BTreeSet::new();
-        for w in works {
-            got_late.extend(
-                w.dead_letters.iter().filter(|d| d.kind == ErrorKind::Late).map(|d| (d.partition, d.offset)),
-            );
-            let progress = progress_of(&w);
-            for b in w.batches {
-                let share = Share::from_batch(b).expect("a batch of one partition");
-                let s = route(&share.window, hop_s as i64 * 1000, internals) as usize;
-                prop_assert_eq!(mergers[s].add(share, 0), Added::Held);
-            }
-            for m in &mut mergers {
-                for p in &progress {
-                    m.progress(*p);
-                }
-                for b in m.complete(t0).into_iter().filter(|b| input(&b.window.unwrap())) {
-                    prop_assert_eq!(b.closed_by, CloseReason::Watermark);
-                    prop_assert!(got.insert(b.window.unwrap(), reported(&b)).is_none());
-                }
-            }
-        }
+        let mut merging = Merging::new(n, internals, hop_s);
+        merging.deliver(works, t0, &keep)?;
         prop_assert!(!want.is_empty() || seqs.iter().flatten().all(|m| m.is_none() || *m == Some(ahead)));
-        prop_assert_eq!(got, want);
-        prop_assert_eq!(got_late, want_late);
+        prop_assert_eq!(merging.got, want);
+        prop_assert_eq!(merging.late, want_late);
     }
-}
-
-proptest! {
-    #![proptest_config(ProptestConfig::with_cases(300))]
 
     /// At the end of the input the partitions fall quiet one by one, each
     /// closing what it has by wait and then following the furthest window
@@ -723,63 +767,30 @@ proptest! {
         let t0 = Instant::now();
         let n = seqs.len();
         let order = interleaving(&seqs, &picks);
-        let mut want: BTreeMap<WindowId, Reported> = BTreeMap::new();
-        let mut want_late = BTreeSet::new();
-        for w in run_grouping(&mut fresh(hop_s, n, t0), &seqs, &order, t0) {
-            for b in &w.batches {
-                prop_assert!(want.insert(b.window.unwrap(), reported(b)).is_none());
-            }
-            want_late.extend(
-                w.dead_letters.iter().filter(|d| d.kind == ErrorKind::Late).map(|d| (d.partition, d.offset)),
-            );
-        }
+        let all = |_: &Batch| true;
+        let (want, want_late) = one_reader(&seqs, &order, hop_s, t0, &all)?;
 
         let group = std::sync::Arc::new(GroupView::default());
         let mut split = Split::new(cfg(hop_s), "user-login").following(group.clone());
         for p in 0..n {
             split.assign(p as i32, None, None, t0);
         }
-        let mut mergers: Vec<Merger> =
-            (0..internals).map(|_| Merger::new(n, &MergeState::default())).collect();
-        let mut got: BTreeMap<WindowId, Reported> = BTreeMap::new();
-        let mut got_late = BTreeSet::new();
-        let mut deliver = |works: Vec<Work>, mergers: &mut Vec<Merger>| -> Result<(), TestCaseError> {
-            for w in works {
-                got_late.extend(
-                    w.dead_letters.iter().filter(|d| d.kind == ErrorKind::Late).map(|d| (d.partition, d.offset)),
-                );
-                let progress = progress_of(&w);
-                for b in w.batches {
-                    let share = Share::from_batch(b).expect("a batch of one partition");
-                    let s = route(&share.window, hop_s as i64 * 1000, internals) as usize;
-                    prop_assert_eq!(mergers[s].add(share, 0), Added::Held);
-                }
-                for m in mergers.iter_mut() {
-                    for p in &progress {
-                        m.progress(*p);
-                    }
-                    for b in m.complete(t0) {
-                        prop_assert!(got.insert(b.window.unwrap(), reported(&b)).is_none());
-                    }
-                }
-            }
-            Ok(())
-        };
+        let mut merging = Merging::new(n, internals, hop_s);
         let works = run_grouping(&mut split, &seqs, &order, t0);
-        deliver(works, &mut mergers)?;
+        merging.deliver(works, t0, &all)?;
         // The group's bound, as the merge stage reports it, until nothing moves.
         for k in 5..12 {
-            if let Some(f) = mergers.iter().filter_map(Merger::furthest).max() {
+            if let Some(f) = merging.mergers.iter().filter_map(Merger::furthest).max() {
                 group.furthest.store(f, std::sync::atomic::Ordering::Relaxed);
             }
             let at = t0 + Duration::from_secs(3601 * k);
             let works = split.take_work(at);
-            deliver(works, &mut mergers)?;
+            merging.deliver(works, t0, &all)?;
         }
-        for m in &mergers {
+        for m in &merging.mergers {
             prop_assert_eq!(m.held_events(), 0, "every share merged");
         }
-        prop_assert_eq!(got, want);
-        prop_assert_eq!(got_late, want_late);
+        prop_assert_eq!(merging.got, want);
+        prop_assert_eq!(merging.late, want_late);
     }
 }

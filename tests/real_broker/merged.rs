@@ -272,14 +272,15 @@ fn wait_packets(b: &Broker, n: usize, services: &mut [&mut Service]) {
     }
 }
 
-/// While the input is produced (2,000 messages a second), instance `a` of
-/// two is killed with SIGKILL and restarted, then `c` joins, then `b` is
-/// stopped, each once the group has published more packets: the partitions
-/// and the shares partitions move on both sides of the shares topic, and
-/// whatever `a` had read, sent or merged without committing is read again.
-/// The group still publishes exactly the packets one instance does: every
-/// copy of an id with the same content, every on-time event counted once,
-/// every late and invalid message a dead letter.
+/// While the input is produced (1,500 messages a second), the two instances
+/// `a` and `b` are killed with SIGKILL and restarted at three points (`a`,
+/// `b`, `a`), then `c` joins and `b` is stopped, each step once the group
+/// has published one more packet: the input partitions and the shares
+/// partitions move on both sides of the shares topic, and whatever a killed
+/// instance had read, sent or merged without committing is read again. The
+/// group still publishes exactly the packets one instance does: every copy
+/// of an id with the same content, every on-time event counted once, every
+/// late and invalid message a dead letter.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn merged_instances_killed_added_and_removed_publish_the_packets_of_one() {
     let input = timed_input(92, 5_000, 40_000, 6, 4.0);
@@ -288,30 +289,48 @@ async fn merged_instances_killed_added_and_removed_publish_the_packets_of_one() 
     let b = broker().await;
     let dir = tempfile::tempdir().unwrap();
     let env = merged_env(&b.bootstrap, GROUP);
-    let mut a = Service::start(dir.path(), "a", &env);
-    let mut bb = Service::start(dir.path(), "b", &env);
-    a.wait_ready(READY);
-    bb.wait_ready(READY);
-    let feed = Feed::start(&b.bootstrap, INPUT, input.inputs.clone(), 2_000.0);
-    wait_packets(&b, 2, &mut [&mut a, &mut bb]);
-    a.signal("KILL");
-    assert_eq!(a.wait_exit(DONE), None, "killed by the signal");
-    let mut a = Service::start(dir.path(), "a", &env);
-    a.wait_ready(READY);
+    let names = ["a", "b"];
+    let mut services: Vec<Service> = names
+        .iter()
+        .map(|n| Service::start(dir.path(), n, &env))
+        .collect();
+    for s in &services {
+        s.wait_ready(READY);
+    }
+    let feed = Feed::start(&b.bootstrap, INPUT, input.inputs.clone(), 1_500.0);
+    wait_packets(&b, 1, &mut services.iter_mut().collect::<Vec<_>>());
+    for victim in [0, 1, 0] {
+        let at = packets_out(&b);
+        wait_packets(&b, at + 1, &mut services.iter_mut().collect::<Vec<_>>());
+        services[victim].signal("KILL");
+        assert_eq!(
+            services[victim].wait_exit(DONE),
+            None,
+            "killed by the signal"
+        );
+        services[victim] = Service::start(dir.path(), names[victim], &env);
+        services[victim].wait_ready(READY);
+    }
     let at = packets_out(&b);
-    wait_packets(&b, at + 1, &mut [&mut a, &mut bb]);
-    let mut c = Service::start(dir.path(), "c", &env);
-    c.wait_ready(READY);
+    wait_packets(&b, at + 1, &mut services.iter_mut().collect::<Vec<_>>());
+    services.push(Service::start(dir.path(), "c", &env));
+    services[2].wait_ready(READY);
     let at = packets_out(&b);
-    wait_packets(&b, at + 1, &mut [&mut a, &mut bb, &mut c]);
-    stop(GROUP, vec![bb]);
+    wait_packets(&b, at + 1, &mut services.iter_mut().collect::<Vec<_>>());
+    let removed = services.remove(1);
+    stop(GROUP, vec![removed]);
     assert_eq!(feed.finish(), input.inputs.len());
-    wait_accounted(&b, GROUP, &input, &mut [&mut a, &mut c]);
-    stop(GROUP, vec![a, c]);
+    wait_accounted(
+        &b,
+        GROUP,
+        &input,
+        &mut services.iter_mut().collect::<Vec<_>>(),
+    );
+    stop(GROUP, services);
     let chaos = published(&b, GROUP, &input);
     assert_same("killed, added and removed", &chaos, &one);
     eprintln!(
-        "merged: {} packets, the same with an instance killed, one added and one removed",
+        "merged: {} packets, the same with instances killed at three points, one added and one removed",
         one.len()
     );
 }
